@@ -1,0 +1,101 @@
+"""BoA: Kronecker Hessians ``H_col,h (x) H_row,h`` per head, head-wise simultaneous quantization.
+
+Algorithm 1 of the paper with the refined row update of Appendix B:
+
+for ``j = 0 .. head_dim - 1``
+  * stack the ``j``-th row of every head into ``W^(j)`` (``n_heads x d_col``) and quantize it
+    with OPTQ over the columns, each head with its own ``U_col,h`` (one batched sweep);
+  * with the scaled errors ``E_h`` of that sweep, update the remaining rows of every head:
+    ``W_h[i, :] -= U_row,h[j, i] / U_row,h[j, j] * (E_h @ U_col,h)`` for ``i > j``
+    (one batched matmul over heads).
+
+Row ``j`` of the update (``i = j``) is exactly the sum of the column updates OPTQ already
+applied inside the sweep, which is why only ``i > j`` is touched. The tests check this whole
+procedure against sequential OBS with the full ``(d_col*head_dim)^2`` Kronecker Hessian.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .optq import optq_sweep
+from .prepare import Prepared, finalize, group_params_fn, prepare
+from .result import QuantResult
+from .validation import (check_bits, check_col_hessian, check_grid, check_group_size, check_heads,
+                         check_percdamp, check_positive_int, check_row_hessian, check_sym,
+                         check_weight, compute_dtype)
+
+
+def validate_boa_args(W, H_col, H_row, n_heads, bits, sym, grid, group_size, block_size, percdamp):
+    W = check_weight(W)
+    n_heads, head_dim = check_heads(W, n_heads)
+    check_col_hessian(H_col, W.shape[1], n_heads)
+    check_row_hessian(H_row, n_heads, head_dim)
+    return (W, n_heads, check_bits(bits), check_sym(sym), check_grid(grid),
+            check_group_size(group_size, W.shape[1]), check_positive_int("block_size", block_size),
+            check_percdamp(percdamp))
+
+
+def _row_views(prep: Prepared, j: int):
+    """The ``j``-th rows of all heads as a batch for the sweep, plus their grids."""
+    W3 = prep.W3
+    if prep.shared_col:  # one U_col: the heads are just rows of one OPTQ problem
+        Wj = W3[:, j, :].unsqueeze(0)                                   # (1, nh, C)
+        pick = (lambda t: t[:, j, :].unsqueeze(0))
+    else:                # one U_col per head: batch over heads
+        Wj = W3[:, j:j + 1, :]                                          # (nh, 1, C)
+        pick = (lambda t: t[:, j:j + 1, :])
+    scale = pick(prep.scale) if prep.scale is not None else None
+    zero = pick(prep.zero) if prep.zero is not None else None
+    return Wj, scale, zero
+
+
+def boa_quantize(W: torch.Tensor, H_col: torch.Tensor, H_row: torch.Tensor, n_heads: int, bits: int,
+                 sym: bool = False, grid: str = "hessian", act_order_col: bool = False,
+                 act_order_row: bool = False, percdamp: float = 0.01, group_size: int | None = None,
+                 block_size: int = 128, **grid_kwargs) -> QuantResult:
+    """BoA on one projection; returns codes and grids too (see :class:`QuantResult`).
+
+    ``W`` is ``(n_heads * head_dim, d_col)`` with head ``h`` owning rows
+    ``h*head_dim:(h+1)*head_dim``; ``H_col`` is ``(d_col, d_col)`` or ``(n_heads, d_col, d_col)``;
+    ``H_row`` is ``(n_heads, head_dim, head_dim)``. For grouped-query attention pass the
+    number of KV heads for K/V projections: heads are read from the shapes only.
+    """
+    W, n_heads, bits, sym, grid, group_size, block_size, percdamp = validate_boa_args(
+        W, H_col, H_row, n_heads, bits, sym, grid, group_size, block_size, percdamp)
+    dtype = compute_dtype(W, H_col, H_row)
+    prep = prepare(W, H_col, H_row, n_heads, bits, sym, grid, group_size, bool(act_order_col),
+                   bool(act_order_row), percdamp, dtype, grid_kwargs)
+    nh, dh, C = prep.W3.shape
+    gp = group_params_fn(prep, bits, sym, grid, grid_kwargs) if prep.dynamic_groups else None
+    Q3 = torch.empty_like(prep.W3)
+    codes3 = torch.empty_like(prep.W3)
+    g_scale, g_zero = [], []
+    U_row = prep.U_row
+    for j in range(dh):
+        Wj, scale, zero = _row_views(prep, j)
+        res = optq_sweep(Wj, prep.U_col, prep.maxq, block_size, scale, zero, group_size, gp)
+        Q3[:, j, :] = res.Q.reshape(nh, C)
+        codes3[:, j, :] = res.codes.reshape(nh, C)
+        if gp is not None:
+            g_scale.append(res.group_scale.reshape(nh, 1, -1))
+            g_zero.append(res.group_zero.reshape(nh, 1, -1))
+        if j + 1 < dh:
+            # Appendix B: W_h[j+1:, :] -= U_row^T[j+1:, j] (E_h U_col,h) / U_row[j, j]
+            delta = (res.E @ prep.U_col).reshape(nh, 1, C)               # E_h U_col,h
+            coef = (U_row[:, j, j + 1:] / U_row[:, j, j:j + 1]).unsqueeze(-1)  # (nh, dh-j-1, 1)
+            prep.W3[:, j + 1:, :].baddbmm_(coef, delta, alpha=-1)
+    if gp is not None:
+        row_scale, row_zero = torch.cat(g_scale, dim=1), torch.cat(g_zero, dim=1)
+    else:
+        row_scale, row_zero = prep.row_scale, prep.row_zero
+    return finalize(prep, Q3, codes3, row_scale, row_zero, W, bits, sym, "boa")
+
+
+def boa(W: torch.Tensor, H_col: torch.Tensor, H_row: torch.Tensor, n_heads: int, bits: int,
+        sym: bool = False, grid: str = "hessian", act_order_col: bool = False,
+        act_order_row: bool = False, percdamp: float = 0.01, **kwargs) -> torch.Tensor:
+    """De-quantized BoA weights, same shape/dtype as ``W``."""
+    return boa_quantize(W, H_col, H_row, n_heads, bits, sym=sym, grid=grid,
+                        act_order_col=act_order_col, act_order_row=act_order_row,
+                        percdamp=percdamp, **kwargs).Q
