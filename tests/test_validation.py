@@ -126,3 +126,16 @@ def test_singular_and_indefinite_hessians_get_more_damping_not_rtn(prob):
     extra = res.info["col_extra_damping"][0]
     again = boa_quantize(W, H_ind + extra * eye, H_row, 2, 2, grid="minmax", percdamp=0.0)
     assert torch.allclose(res.Q, again.Q, atol=1e-10)
+
+
+def test_overwrite_hessians_gives_the_same_result_and_leaves_copies_alone(prob):
+    W, H_col, H_row = prob
+    ref = boa_quantize(W, H_col, H_row, 2, 2)
+    Hc, Hr = H_col.clone(), H_row.clone()
+    res = boa_quantize(W, Hc, Hr, 2, 2, overwrite_hessians=True)
+    assert torch.equal(ref.Q, res.Q)
+    assert not torch.equal(Hc, H_col)  # damped in place
+    res2 = boa_quantize(W, H_col, H_row, 2, 2)
+    assert torch.equal(ref.Q, res2.Q)  # the default never touches the caller's Hessians
+    g = gptq_quantize(W, H_col.clone(), 2, overwrite_hessians=True)
+    assert torch.equal(g.Q, gptq_quantize(W, H_col, 2).Q)

@@ -53,19 +53,20 @@ def _row_views(prep: Prepared, j: int):
 def boa_quantize(W: torch.Tensor, H_col: torch.Tensor, H_row: torch.Tensor, n_heads: int, bits: int,
                  sym: bool = False, grid: str = "hessian", act_order_col: bool = False,
                  act_order_row: bool = False, percdamp: float = 0.01, group_size: int | None = None,
-                 block_size: int = 128, **grid_kwargs) -> QuantResult:
+                 block_size: int = 128, overwrite_hessians: bool = False, **grid_kwargs) -> QuantResult:
     """BoA on one projection; returns codes and grids too (see :class:`QuantResult`).
 
     ``W`` is ``(n_heads * head_dim, d_col)`` with head ``h`` owning rows
     ``h*head_dim:(h+1)*head_dim``; ``H_col`` is ``(d_col, d_col)`` or ``(n_heads, d_col, d_col)``;
     ``H_row`` is ``(n_heads, head_dim, head_dim)``. For grouped-query attention pass the
     number of KV heads for K/V projections: heads are read from the shapes only.
+    ``overwrite_hessians=True``: ``H_col``/``H_row`` may be modified in place (saves a copy).
     """
     W, n_heads, bits, sym, grid, group_size, block_size, percdamp = validate_boa_args(
         W, H_col, H_row, n_heads, bits, sym, grid, group_size, block_size, percdamp)
     dtype = compute_dtype(W, H_col, H_row)
     prep = prepare(W, H_col, H_row, n_heads, bits, sym, grid, group_size, bool(act_order_col),
-                   bool(act_order_row), percdamp, dtype, grid_kwargs)
+                   bool(act_order_row), percdamp, dtype, grid_kwargs, overwrite_hessians)
     nh, dh, C = prep.W3.shape
     gp = group_params_fn(prep, bits, sym, grid, grid_kwargs) if prep.dynamic_groups else None
     Q3 = torch.empty_like(prep.W3)

@@ -24,13 +24,16 @@ def validate_gptq_args(W, H_col, bits, sym, grid, group_size, block_size, percda
 
 def gptq_quantize(W: torch.Tensor, H_col: torch.Tensor, bits: int, sym: bool = False,
                   grid: str = "hessian", group_size: int | None = None, act_order: bool = False,
-                  block_size: int = 128, percdamp: float = 0.01, **grid_kwargs) -> QuantResult:
-    """GPTQ with lazy block updates; returns codes and grids too (see :class:`QuantResult`)."""
+                  block_size: int = 128, percdamp: float = 0.01, overwrite_hessians: bool = False,
+                  **grid_kwargs) -> QuantResult:
+    """GPTQ with lazy block updates; returns codes and grids too (see :class:`QuantResult`).
+
+    ``overwrite_hessians=True``: ``H_col`` may be modified in place (saves a copy)."""
     W, bits, sym, grid, group_size, block_size, percdamp = validate_gptq_args(
         W, H_col, bits, sym, grid, group_size, block_size, percdamp)
     dtype = compute_dtype(W, H_col)
     prep = prepare(W, H_col, None, 1, bits, sym, grid, group_size, bool(act_order), False,
-                   percdamp, dtype, grid_kwargs)
+                   percdamp, dtype, grid_kwargs, overwrite_hessians)
     gp = group_params_fn(prep, bits, sym, grid, grid_kwargs) if prep.dynamic_groups else None
     res = optq_sweep(prep.W3, prep.U_col, prep.maxq, block_size, prep.scale, prep.zero,
                      group_size, gp)

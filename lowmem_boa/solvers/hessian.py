@@ -48,33 +48,51 @@ class CholeskyInfo:
     extra_damping: torch.Tensor  # absolute damping added on top of percdamp, per head
 
 
-def upper_cholesky_of_inverse(H: torch.Tensor, percdamp: float = 0.01, max_tries: int = 12):
+def upper_cholesky_of_inverse(H: torch.Tensor, percdamp: float = 0.01, max_tries: int = 12,
+                              heads_per_step: int | None = None):
     """Return ``(U, info)`` with ``U`` upper triangular and ``U^T U = H^{-1}``.
 
     ``H`` is ``(C, C)`` or ``(B, C, C)`` and already damped; it is *not* modified. When
     the Cholesky factorisation of ``H`` or of ``H^{-1}`` fails for a head, that head's
     diagonal is damped further by ``10**k * max(percdamp, 1e-6) * mean(diag)``.
+    Heads are factorised ``heads_per_step`` at a time (default: all at once for small
+    matrices, one by one from 1024 columns up) so the workspace stays ~3 C^2 per step.
     """
     batched = H.dim() == 3
     Hb = H if batched else H.unsqueeze(0)
-    Hb = Hb.clone()
     B, C, _ = Hb.shape
+    step = heads_per_step or (B if C < 1024 else 1)
     U = torch.empty_like(Hb)
-    todo = torch.arange(B, device=H.device)
     extra = torch.zeros(B, dtype=H.dtype, device=H.device)
-    base = torch.diagonal(Hb, dim1=-2, dim2=-1).mean(-1).abs().clamp_min(torch.finfo(H.dtype).tiny)
+    retries = 0
+    for b0 in range(0, B, step):
+        b1 = min(b0 + step, B)
+        U[b0:b1], extra[b0:b1], r = _factor_heads(Hb[b0:b1], percdamp, max_tries)
+        retries = max(retries, r)
+    U = U if batched else U[0]
+    return U, CholeskyInfo(retries=retries, extra_damping=extra if batched else extra[:1])
+
+
+def _factor_heads(Hb: torch.Tensor, percdamp: float, max_tries: int):
+    B = Hb.shape[0]
+    U = torch.empty_like(Hb)
+    todo = torch.arange(B, device=Hb.device)
+    extra = torch.zeros(B, dtype=Hb.dtype, device=Hb.device)
+    base = torch.diagonal(Hb, dim1=-2, dim2=-1).mean(-1).abs().clamp_min(torch.finfo(Hb.dtype).tiny)
     step = max(percdamp, 1e-6)
     retries = 0
     for k in range(max_tries + 1):
-        Hk = Hb[todo]
+        Hk = Hb[todo]  # a copy (advanced indexing); extra damping goes on the copy
+        Hk.diagonal(dim1=-2, dim2=-1).add_(extra[todo].unsqueeze(-1))
         L, info = torch.linalg.cholesky_ex(Hk)
+        del Hk
         ok = info == 0
         if ok.any():
             Hinv = torch.cholesky_inverse(L[ok])
+            del L
             Uk, info2 = torch.linalg.cholesky_ex(Hinv, upper=True)
-            good = info2 == 0
-            finite = torch.isfinite(Uk).flatten(1).all(1)
-            good &= finite
+            del Hinv
+            good = (info2 == 0) & torch.isfinite(Uk).flatten(1).all(1)
             idx_ok = torch.nonzero(ok).squeeze(1)
             U[todo[idx_ok[good]]] = Uk[good]
             ok[idx_ok[~good]] = False
@@ -87,11 +105,8 @@ def upper_cholesky_of_inverse(H: torch.Tensor, percdamp: float = 0.01, max_tries
                 f"adding {float(extra[todo].max() / base[todo].max()):.3g} x mean(diag) damping; "
                 "the Hessian is not positive semi-definite")
         retries += 1
-        add = (10.0 ** k) * step * base[todo]
-        extra[todo] += add
-        torch.diagonal(Hb, dim1=-2, dim2=-1)[todo] += add.unsqueeze(-1)
-    U = U if batched else U[0]
-    return U, CholeskyInfo(retries=retries, extra_damping=extra if batched else extra[:1])
+        extra[todo] += (10.0 ** k) * step * base[todo]
+    return U, extra, retries
 
 
 def act_order_perm(H: torch.Tensor) -> torch.Tensor:

@@ -54,12 +54,14 @@ class Prepared:
 def prepare(W: torch.Tensor, H_col: torch.Tensor, H_row: torch.Tensor | None, n_heads: int,
             bits: int, sym: bool, grid: str, group_size: int | None, act_order_col: bool,
             act_order_row: bool, percdamp: float, dtype: torch.dtype,
-            grid_kwargs: dict | None = None) -> Prepared:
+            grid_kwargs: dict | None = None, overwrite_hessians: bool = False) -> Prepared:
+    """``overwrite_hessians=True`` lets the solver damp ``H_col``/``H_row`` in place instead of
+    copying them (callers that hand over their Hessians save one copy of each)."""
     grid_kwargs = grid_kwargs or {}
     R, C = W.shape
     nh, dh = n_heads, R // n_heads
     W3 = W.detach().to(dtype=dtype, copy=True).reshape(nh, dh, C)
-    Hc = H_col.detach().to(dtype=dtype, copy=True)
+    Hc = H_col.detach().to(dtype=dtype, copy=not overwrite_hessians)
     Hc = Hc.unsqueeze(0) if Hc.dim() == 2 else Hc
     dead = mark_dead_channels(Hc, W3)
     add_damping(Hc, percdamp)
@@ -73,7 +75,7 @@ def prepare(W: torch.Tensor, H_col: torch.Tensor, H_row: torch.Tensor | None, n_
 
     U_row = perm_row = None
     if H_row is not None:
-        Hr = H_row.detach().to(dtype=dtype, copy=True)
+        Hr = H_row.detach().to(dtype=dtype, copy=not overwrite_hessians)
         info["dead_rows"] = int(mark_dead_channels(Hr).sum())
         add_damping(Hr, percdamp)
         if act_order_row:
