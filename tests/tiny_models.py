@@ -1,0 +1,63 @@
+"""Tiny random models of every supported family, built from transformers configs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("LOWMEM_BOA_SHARED", REPO.parent / "shared"))
+TOKENIZER_SRC = SHARED / "models" / "llama-wt2-9m"   # byte-level BPE, 8192 tokens
+
+
+def shared_available() -> bool:
+    return (SHARED / "models").is_dir() and (SHARED / "data").is_dir()
+
+
+def tiny_config(family: str, n_layers: int = 2, vocab: int = 8192):
+    from transformers import LlamaConfig, OPTConfig, Qwen2Config, Qwen3Config
+    common = dict(vocab_size=vocab, hidden_size=64, num_hidden_layers=n_layers, num_attention_heads=4,
+                  max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=1)
+    if family == "opt":
+        return OPTConfig(ffn_dim=128, word_embed_proj_dim=64, do_layer_norm_before=True, enable_bias=True,
+                         **common)
+    llama_like = dict(intermediate_size=96, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
+                      tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                      **common)
+    if family == "llama":
+        return LlamaConfig(**llama_like)
+    if family == "qwen2":
+        return Qwen2Config(**llama_like)
+    if family == "qwen3":
+        return Qwen3Config(**llama_like)
+    raise ValueError(family)
+
+
+def tiny_model(family: str, seed: int = 0, n_layers: int = 2, vocab: int = 8192):
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(seed)
+    cfg = tiny_config(family, n_layers, vocab)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="eager")
+    with torch.no_grad():  # larger, less uniform weights than the default init: peaked attention
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.15)
+            elif "norm" in name and name.endswith("weight"):
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0, 0.05)
+    model.eval()
+    return model
+
+
+def save_tiny_model(family: str, path: Path, seed: int = 0, n_layers: int = 2) -> Path:
+    """A tiny model saved as a Hugging Face directory with the shared byte-level tokenizer."""
+    model = tiny_model(family, seed, n_layers)
+    model.config.use_cache = False
+    model.save_pretrained(path)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(TOKENIZER_SRC / f, path / f)
+    return path
