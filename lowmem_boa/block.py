@@ -1,0 +1,252 @@
+"""Quantizing one transformer block, true-sequentially, from its calibration inputs.
+
+Layers are quantized in the adapter's groups, each from statistics of its *actual* input given
+the already-quantized layers before it in the block:
+
+1. attention statistics (fp q/k/v weights): shared ``H_col = X X^T`` of q/k/v; for BoA the key
+   and query Grams per KV head (row Hessians of W_Q / W_K, RoPE-averaged) and, with
+   ``block_v``, per-KV-head ``X A^T A X^T`` (attention maps computed a few heads and samples at
+   a time) and the W_out row Hessian. q, k, v are then quantized (BoA: ``boa``; GPTQ: ``gptq``).
+2. out-projection input (with quantized q/k/v) -> ``gptq``.
+3. MLP input -> fc1 / gate+up; 4. MLP hidden -> fc2 / down.
+Then the quantized block propagates the calibration data to the next block.
+
+Statistics are pure functions (``lowmem_boa.stats``), solvers are pure functions
+(``lowmem_boa.solvers``); every tensor that crosses devices goes through the scheduler.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import QuantConfig
+from .forward import block_forward, capture_input
+from .models.base import ModelAdapter
+from .scheduler.planner import (PHASE_ATTN, PHASE_BLOCK_V, PHASE_MLP_IN, PHASE_MLP_OUT, PHASE_OUT,
+                                PHASE_PROPAGATE, PHASE_SOLVE, Plan, solver_workspace, workspace_bytes)
+from .scheduler.scheduler import Scheduler
+from .scheduler.store import ActivationStore
+from .solvers import boa_quantize, gptq_quantize, rtn_quantize
+from .solvers.objective import attention_loss, layer_loss
+from .stats import attention_grams, block_v_grams, gram, qk_row_hessians, wout_row_hessian
+
+
+@dataclass
+class LayerReport:
+    name: str
+    rows: int
+    cols: int
+    seconds: float
+    rel_error: float | None = None        # tr(dW H dW^T) / tr(W H W^T) with the layer's H_col
+    rel_attention_error: float | None = None   # BoA's Kronecker objective, relative
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class BlockOutcome:
+    weights: dict                 # block state dict on the host (quantized linears de-quantized)
+    quant: dict                   # layer -> (codes, scale, zero) on the host
+    layers: list
+    seconds: float
+    phase_seconds: dict
+
+
+class BlockQuantizer:
+    def __init__(self, sch: Scheduler, adapter: ModelAdapter, plan: Plan, qc: QuantConfig, kwargs: dict):
+        self.sch, self.adapter, self.plan, self.qc, self.kwargs = sch, adapter, plan, qc, kwargs
+        self.heads = adapter.heads
+        self.phase_seconds: dict = {}
+
+    # ----- helpers ----------------------------------------------------------------------
+    def _phase(self, name: str):
+        return self.sch.ledger.phase(name, planned=self.plan.phase(name).total if self._planned(name) else None)
+
+    def _planned(self, name: str) -> bool:
+        return any(p.name == name for p in self.plan.phases)
+
+    def _workspace(self, name: str):
+        return self.sch.workspace(f"workspace: {name}", workspace_bytes(self.plan.phase(name)))
+
+    def _column_hessian(self, block, store: ActivationStore, layer: str, phase: str) -> torch.Tensor:
+        """Mean ``x x^T`` of the inputs of ``layer`` over all calibration tokens (host, float32)."""
+        t0 = time.perf_counter()
+        with self._phase(phase), self._workspace(phase):
+            n_in = self.adapter_in_features(block, layer)
+            acc = self.sch.accumulator(f"H {layer}", (n_in, n_in))
+            tokens = 0
+            for _, _, x in self.sch.chunks(store.inputs, self.plan.chunk):
+                xa = capture_input(block, layer, x, self.kwargs)
+                self.sch.accumulate(acc, gram(xa))
+                tokens += xa.numel() // xa.shape[-1]
+            H = self.sch.settle(f"H {layer}", acc) / tokens
+        self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + time.perf_counter() - t0
+        return H
+
+    @staticmethod
+    def adapter_in_features(block, layer: str) -> int:
+        return block.get_submodule(layer).in_features
+
+    # ----- statistics ---------------------------------------------------------------------
+    def attention_statistics(self, block, store: ActivationStore):
+        """Shared H_col of q/k/v and, for BoA, the row Hessians of W_Q and W_K."""
+        t0 = time.perf_counter()
+        h = self.heads
+        boa = self.qc.method == "boa"
+        with self._phase(PHASE_ATTN), self._workspace(PHASE_ATTN):
+            d = h.hidden_size
+            acc = self.sch.accumulator("H qkv", (d, d))
+            acc_k = self.sch.accumulator("G_k", (h.n_kv_heads, h.head_dim, h.head_dim)) if boa else None
+            acc_q = self.sch.accumulator("G_q", (h.n_kv_heads, h.head_dim, h.head_dim)) if boa else None
+            tokens = 0
+            for _, _, x in self.sch.chunks(store.inputs, self.plan.chunk):
+                xa = capture_input(block, self.adapter.q_proj, x, self.kwargs)
+                self.sch.accumulate(acc, gram(xa))
+                tokens += xa.numel() // xa.shape[-1]
+                if boa:
+                    st = self.adapter.attention_states(block, xa, self.kwargs)
+                    gk, gq = attention_grams(st, h.n_rep)
+                    self.sch.accumulate(acc_k, gk)
+                    self.sch.accumulate(acc_q, gq)
+            H_qkv = self.sch.settle("H qkv", acc) / tokens
+            rows = None
+            if boa:
+                G_k = self.sch.settle("G_k", acc_k) / tokens
+                G_q = self.sch.settle("G_q", acc_q) / tokens
+                cos_sin = None
+                if self.adapter.uses_rope:
+                    cos, sin = self.adapter.rope_cos_sin(self.kwargs, self.qc.seqlen)
+                    cos_sin = (self.sch.to_host(cos.float()), self.sch.to_host(sin.float()))
+                q_norm, k_norm = self.adapter.qk_norm_weights(block)
+                q_norm = None if q_norm is None else self.sch.to_host(q_norm)
+                k_norm = None if k_norm is None else self.sch.to_host(k_norm)
+                rows = qk_row_hessians(G_k, G_q, h.n_rep, cos_sin, q_norm, k_norm)
+        self.phase_seconds[PHASE_ATTN] = time.perf_counter() - t0
+        return H_qkv, rows
+
+    def block_v_statistics(self, block, store: ActivationStore) -> torch.Tensor:
+        """Per-KV-head ``X A^T A X^T`` (mean over tokens), a few query heads at a time."""
+        t0 = time.perf_counter()
+        h = self.heads
+        g = self.plan.attn_heads
+        H_v = torch.zeros(h.n_kv_heads, h.hidden_size, h.hidden_size)
+        tokens = store.nsamples * self.qc.seqlen
+        with self._phase(PHASE_BLOCK_V), self._workspace(PHASE_BLOCK_V):
+            for h0 in range(0, h.n_heads, g):
+                h1 = min(h0 + g, h.n_heads)
+                kv0, kv1 = h0 // h.n_rep, h1 // h.n_rep
+                acc = self.sch.device_zeros("block_v accumulator", (kv1 - kv0, h.hidden_size, h.hidden_size))
+                for _, _, x in self.sch.chunks(store.inputs, self.plan.attn_chunk):
+                    xa = capture_input(block, self.adapter.q_proj, x, self.kwargs)
+                    st = self.adapter.attention_states(block, xa, self.kwargs)
+                    acc += block_v_grams(xa, st, h.n_rep, range(h0, h1))
+                H_v[kv0:kv1] = self.sch.to_host(acc) / tokens
+                del acc
+                self.sch.free("block_v accumulator")
+        self.phase_seconds[PHASE_BLOCK_V] = time.perf_counter() - t0
+        return H_v
+
+    # ----- solving ----------------------------------------------------------------------
+    def solve(self, block, name: str, H_col: torch.Tensor | None, H_row: torch.Tensor | None = None,
+              n_heads: int = 1) -> tuple[LayerReport, tuple]:
+        """Quantize ``block.<name>`` in place on the device; return its report and codes.
+
+        The Hessians are handed to the solver, which damps them in place; the relative errors
+        in the report are measured with those damped Hessians (no extra copy on the device).
+        """
+        t0 = time.perf_counter()
+        qc = self.qc
+        lin = block.get_submodule(name)
+        W = lin.weight.data
+        r, c = W.shape
+        nh_col = 1 if H_col is None or H_col.dim() == 2 else H_col.shape[0]
+        ws = solver_workspace(r, c, nh_col, W.element_size())
+        ws.pop("H_col (handed over)")
+        common = dict(sym=qc.sym, grid=qc.qparam, group_size=qc.group_size, percdamp=qc.percdamp)
+        report = LayerReport(name=name, rows=r, cols=c, seconds=0.0)
+        tags = []
+        with self._phase(PHASE_SOLVE), self.sch.workspace(f"solver {name}", sum(ws.values())):
+            H_dev = Hr_dev = None
+            if H_col is not None:
+                H_dev = self.sch.to_device(H_col, f"H_col {name}")
+                tags.append(f"H_col {name}")
+            if qc.method == "rtn":
+                res = rtn_quantize(W, qc.wbits, H_col=H_dev, **common)
+            elif H_row is not None:
+                Hr_dev = self.sch.to_device(H_row, f"H_row {name}")
+                tags.append(f"H_row {name}")
+                res = boa_quantize(W, H_dev, Hr_dev, n_heads, qc.wbits, act_order_col=qc.act_order_col,
+                                   act_order_row=qc.act_order_row, block_size=qc.block_size,
+                                   overwrite_hessians=True, **common)
+                report.rel_attention_error = _rel(attention_loss(W, res.Q, H_dev, Hr_dev),
+                                                  attention_loss(W, torch.zeros_like(W), H_dev, Hr_dev))
+            else:
+                res = gptq_quantize(W, H_dev, qc.wbits, act_order=qc.act_order_col, block_size=qc.block_size,
+                                    overwrite_hessians=True, **common)
+            if H_dev is not None:
+                report.rel_error = _rel(layer_loss(W, res.Q, H_dev), layer_loss(W, torch.zeros_like(W), H_dev))
+            del H_dev, Hr_dev
+            for tag in tags:
+                self.sch.free(tag)
+            lin.weight.data = res.Q
+        report.seconds = time.perf_counter() - t0
+        report.info = {k: v for k, v in res.info.items() if not isinstance(v, list)}
+        quant = (self.sch.to_host(res.codes), self.sch.to_host(res.scale.float()), self.sch.to_host(res.zero.float()))
+        return report, quant
+
+    # ----- the whole block --------------------------------------------------------------
+    def quantize(self, block, store: ActivationStore | None) -> BlockOutcome:
+        t0 = time.perf_counter()
+        a, h, qc = self.adapter, self.heads, self.qc
+        reports, quant = [], {}
+
+        def record(name, out):
+            reports.append(out[0])
+            quant[name] = out[1]
+
+        if qc.method == "rtn":
+            # RTN needs statistics only for a Hessian grid (then true-sequentially, like GPTQ)
+            phases = {a.q_proj: PHASE_ATTN, a.k_proj: PHASE_ATTN, a.v_proj: PHASE_ATTN, a.o_proj: PHASE_OUT,
+                      a.mlp_out: PHASE_MLP_OUT, **{n: PHASE_MLP_IN for n in a.mlp_in}}
+            for name in a.linear_names():
+                H = self._column_hessian(block, store, name, phases[name]) if qc.qparam == "hessian" else None
+                record(name, self.solve(block, name, H))
+        else:
+            H_qkv, rows = self.attention_statistics(block, store)
+            if qc.method == "boa":
+                H_row_q, H_row_k = rows
+                H_v = self.block_v_statistics(block, store) if qc.block_v else H_qkv
+                W_o = block.get_submodule(a.o_proj).weight.data
+                H_row_v = self.sch.to_host(wout_row_hessian(W_o, h.n_heads, h.n_kv_heads, h.head_dim))
+                record(a.q_proj, self.solve(block, a.q_proj, H_qkv, H_row_q, h.n_heads))
+                record(a.k_proj, self.solve(block, a.k_proj, H_qkv, H_row_k, h.n_kv_heads))
+                record(a.v_proj, self.solve(block, a.v_proj, H_v, H_row_v, h.n_kv_heads))
+            else:
+                for name in (a.q_proj, a.k_proj, a.v_proj):
+                    record(name, self.solve(block, name, H_qkv))
+            H_o = self._column_hessian(block, store, a.o_proj, PHASE_OUT)
+            record(a.o_proj, self.solve(block, a.o_proj, H_o))
+            H_in = self._column_hessian(block, store, a.mlp_in[0], PHASE_MLP_IN)
+            for name in a.mlp_in:
+                record(name, self.solve(block, name, H_in))
+            H_out = self._column_hessian(block, store, a.mlp_out, PHASE_MLP_OUT)
+            record(a.mlp_out, self.solve(block, a.mlp_out, H_out))
+        return BlockOutcome(weights=self.sch.host_state(block), quant=quant, layers=reports,
+                            seconds=time.perf_counter() - t0, phase_seconds=dict(self.phase_seconds))
+
+    def propagate(self, block, store: ActivationStore) -> float:
+        """Run the (quantized) block over all calibration inputs into the output slot."""
+        t0 = time.perf_counter()
+        with self._phase(PHASE_PROPAGATE), self._workspace(PHASE_PROPAGATE):
+            for i0, i1, x in self.sch.chunks(store.inputs, self.plan.chunk):
+                self.sch.store(store.outputs, i0, i1, block_forward(block, x, self.kwargs))
+        dt = time.perf_counter() - t0
+        self.phase_seconds[PHASE_PROPAGATE] = dt
+        return dt
+
+
+def _rel(num: torch.Tensor, den: torch.Tensor) -> float:
+    den = float(den)
+    return float(num) / den if den > 0 else 0.0

@@ -1,0 +1,1 @@
+"""Command-line front ends (thin wrappers over the library)."""

@@ -1,0 +1,121 @@
+"""``run_quant.py``: quantize a Hugging Face causal LM with BoA, GPTQ or RTN under a memory budget.
+
+    python run_quant.py --model meta-llama/Llama-2-7b-hf --wbits 2 --method boa \\
+        --config configs/p100-16gb.yaml --output out/llama2-7b-boa-w2
+
+Rerunning the same command after an interruption resumes from the last finished block.
+Exit codes: 0 done, 2 bad input or budget (nothing was done), 1 failure during the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..config import CALIB_SETS, DTYPES, METHODS, WBITS, QuantConfig, RunOptions
+from ..solvers.validation import GRIDS
+
+PRESET_KEYS = {"device", "max_gpu_mem", "max_cpu_mem", "hessians", "nsamples", "seqlen", "block_v", "dtype",
+               "data_dir", "calib", "qparam", "group_size", "percdamp", "block_size"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="run_quant.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, help="preset YAML (configs/*.yaml); flags given here override it")
+    m = p.add_argument_group("model and method")
+    m.add_argument("--model", required=True, help="local model directory or hub id (a config .json with --plan-only)")
+    m.add_argument("--method", choices=METHODS, default="boa")
+    m.add_argument("--wbits", type=int, choices=WBITS, default=2)
+    m.add_argument("--sym", action="store_true", help="symmetric grids (default asymmetric)")
+    m.add_argument("--group-size", type=int, default=None, help="columns per grid (default: one grid per row)")
+    m.add_argument("--qparam", choices=GRIDS, default="hessian", help="grid search (default hessian)")
+    m.add_argument("--block-v", dest="block_v", action=argparse.BooleanOptionalAction, default=True,
+                   help="BoA: per-head X A^T A X^T column Hessian for V (default on; off saves memory)")
+    m.add_argument("--act-order-col", action="store_true", help="quantize columns by decreasing diag(H_col)")
+    m.add_argument("--act-order-row", action="store_true", help="BoA: quantize rows by decreasing diag(H_row)")
+    m.add_argument("--percdamp", type=float, default=0.01)
+    m.add_argument("--block-size", type=int, default=128, help="lazy-update block of the OPTQ sweep")
+    m.add_argument("--dtype", choices=DTYPES, default="auto", help="compute/export dtype (default: checkpoint's)")
+    c = p.add_argument_group("calibration")
+    c.add_argument("--calib", choices=CALIB_SETS, default="wikitext2")
+    c.add_argument("--calib-file", help="plain text, or jsonl/json with a 'text' field")
+    c.add_argument("--nsamples", type=int, default=128)
+    c.add_argument("--seqlen", type=int, default=2048, help="capped to the model's max positions")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--data-dir", help="local corpora (wikitext2/, ptb/, c4/); default: Hugging Face hub")
+    r = p.add_argument_group("resources and output")
+    r.add_argument("--device", default="auto", help="cuda, cuda:1, cpu (default: cuda if available)")
+    r.add_argument("--max-gpu-mem", help="hard budget of the compute device, e.g. 14GiB")
+    r.add_argument("--max-cpu-mem", help="host RAM budget; beyond it activations go to a disk memmap")
+    r.add_argument("--hessians", choices=("auto", "cpu", "device"), default="auto",
+                   help="where float32 Hessian accumulators live (default: device if it fits)")
+    r.add_argument("--output", help="output directory (required unless --plan-only)")
+    r.add_argument("--plan-only", action="store_true", help="print the memory plan and exit (no weights needed)")
+    r.add_argument("--overwrite", action="store_true", help="replace a different run in --output")
+    r.add_argument("--eval-ppl", action="store_true", help="WikiText-2 test perplexity of the result")
+    r.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
+    return p
+
+
+def load_preset(path: Path) -> dict:
+    import yaml
+    if not path.is_file():
+        raise ValueError(f"--config {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected a mapping of option: value")
+    unknown = sorted(set(data) - PRESET_KEYS - {"description"})
+    if unknown:
+        raise ValueError(f"--config {path}: unknown keys {', '.join(unknown)} "
+                         f"(allowed: {', '.join(sorted(PRESET_KEYS))})")
+    data.pop("description", None)
+    return data
+
+
+def parse(argv=None):
+    parser = build_parser()
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--config", type=Path)
+    known, _ = first.parse_known_args(argv)
+    if known.config is not None:
+        try:
+            parser.set_defaults(**load_preset(known.config))
+        except ValueError as e:
+            parser.error(str(e))
+    args = parser.parse_args(argv)
+    qc = QuantConfig(model=args.model, method=args.method, wbits=args.wbits, sym=args.sym,
+                     group_size=args.group_size, qparam=args.qparam, block_v=args.block_v,
+                     act_order_col=args.act_order_col, act_order_row=args.act_order_row, percdamp=args.percdamp,
+                     block_size=args.block_size, calib=args.calib, calib_file=args.calib_file,
+                     nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, dtype=args.dtype)
+    ro = RunOptions(output=args.output, device=args.device, max_gpu_mem=args.max_gpu_mem,
+                    max_cpu_mem=args.max_cpu_mem, data_dir=args.data_dir, overwrite=args.overwrite,
+                    plan_only=args.plan_only, hessians=args.hessians, progress=not args.no_progress,
+                    eval_ppl=args.eval_ppl)
+    return qc, ro
+
+
+def main(argv=None) -> int:
+    from ..checkpoint import StateError
+    from ..data import DataError
+    from ..pipeline import quantize_model
+    from ..scheduler import ModelSourceError, PlanError
+    from ..ui import Console
+    qc, ro = parse(argv)
+    console = Console(ro.progress)
+    try:
+        report = quantize_model(qc, ro, console)
+    except (PlanError, StateError, DataError, ModelSourceError, ValueError) as e:
+        console.error(str(e))
+        return 2
+    if ro.eval_ppl and not ro.plan_only:
+        from ..eval.run import evaluate_perplexity
+        res = evaluate_perplexity(ro.output, ["wikitext2"], qc.seqlen, ro.data_dir, ro.device, ro.max_gpu_mem)
+        console.rich.print(f"WikiText-2 perplexity of {ro.output}: {res['wikitext2']['ppl']:.3f}", soft_wrap=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Run configuration: what determines the quantized weights vs. how the run executes.
+
+``QuantConfig`` fields change the result and key the resume manifest; ``RunOptions`` only
+change where and how fast it runs (a resumed run may use different options; bit-identical
+results with an uninterrupted run are guaranteed when they match).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .solvers.validation import GRIDS
+
+METHODS = ("boa", "gptq", "rtn")
+WBITS = (2, 3, 4, 8)
+CALIB_SETS = ("wikitext2", "ptb", "c4")
+DTYPES = ("auto", "float16", "bfloat16", "float32")
+
+
+@dataclass
+class QuantConfig:
+    model: str
+    method: str = "boa"
+    wbits: int = 2
+    sym: bool = False
+    group_size: int | None = None
+    qparam: str = "hessian"
+    block_v: bool = True
+    act_order_col: bool = False
+    act_order_row: bool = False
+    percdamp: float = 0.01
+    block_size: int = 128
+    calib: str = "wikitext2"
+    calib_file: str | None = None
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    dtype: str = "auto"
+
+    def validate(self) -> None:
+        """Clear errors for bad values, before any work."""
+        if self.method not in METHODS:
+            raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.wbits not in WBITS:
+            raise ValueError(f"--wbits must be one of {', '.join(map(str, WBITS))}, got {self.wbits!r}")
+        if self.qparam not in GRIDS:
+            raise ValueError(f"--qparam must be one of {', '.join(GRIDS)}, got {self.qparam!r}")
+        if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size < 1):
+            raise ValueError(f"--group-size must be a positive integer, got {self.group_size!r}")
+        if self.calib_file is None and self.calib not in CALIB_SETS:
+            raise ValueError(f"--calib must be one of {', '.join(CALIB_SETS)} (or use --calib-file), "
+                             f"got {self.calib!r}")
+        if self.nsamples < 1:
+            raise ValueError(f"--nsamples must be at least 1, got {self.nsamples}")
+        if self.seqlen < 2:
+            raise ValueError(f"--seqlen must be at least 2, got {self.seqlen}")
+        if not 0 <= self.percdamp < 1e3:
+            raise ValueError(f"--percdamp must be non-negative, got {self.percdamp}")
+        if self.block_size < 1:
+            raise ValueError(f"--block-size must be positive, got {self.block_size}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+
+    @property
+    def uses_calibration(self) -> bool:
+        """GPTQ and BoA always; RTN only to search a Hessian grid."""
+        return self.method != "rtn" or self.qparam == "hessian"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class RunOptions:
+    output: str | None = None
+    device: str = "auto"
+    max_gpu_mem: str | None = None
+    max_cpu_mem: str | None = None
+    data_dir: str | None = None
+    overwrite: bool = False
+    plan_only: bool = False
+    hessians: str = "auto"          # auto | cpu | device
+    progress: bool = True
+    eval_ppl: bool = False          # WikiText-2 perplexity of the result, in-process
+
+    def as_dict(self) -> dict:
+        return asdict(self)

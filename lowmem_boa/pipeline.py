@@ -1,0 +1,273 @@
+"""End-to-end streaming quantization of a Hugging Face causal LM (the library behind run_quant.py).
+
+``prepare_run`` does every check and the memory plan without touching weights (bad input and
+too-small budgets fail here, before any work). ``quantize_model`` then runs:
+
+1. calibration windows -> first-block inputs (embedding stage on the device, one chunk at a time,
+   captured in front of block 0);
+2. for every block: quantize it true-sequentially (``block.BlockQuantizer``), save it atomically
+   with its codes, propagate the calibration data through the quantized block;
+3. a resumed run first replays the finished blocks (from their saved files) to rebuild the
+   inputs of the first unfinished one, so the result is bit-identical to an uninterrupted run;
+4. export the fake-quantized model as a Hugging Face checkpoint plus ``quant_report.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import torch
+
+from . import __version__
+from .block import BlockQuantizer
+from .checkpoint import RunState, atomic_write_bytes, export_fake_quant
+from .config import QuantConfig, RunOptions
+from .data import calibration_windows, file_source, load_source, local_files
+from .forward import first_block_inputs
+from .models import get_adapter
+from .scheduler import (ActivationStore, CheckpointReader, Ledger, PlanInputs, Scheduler, build_skeleton,
+                        fmt_bytes, load_config, make_plan, parse_size, resolve_model_dir)
+from .scheduler.planner import PHASE_PROPAGATE, Plan
+from .ui import Console
+
+
+@dataclass
+class PreparedRun:
+    qc: QuantConfig
+    ro: RunOptions
+    config: object
+    adapter: object
+    model_dir: Path | None
+    device: torch.device
+    dtype: torch.dtype
+    plan: Plan
+    state_mode: str | None = None
+    notes: list = field(default_factory=list)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return dev
+
+
+def resolve_dtype(choice: str, config, device: torch.device, notes: list) -> torch.dtype:
+    if choice != "auto":
+        return getattr(torch, choice)
+    dt = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    dt = getattr(torch, dt) if isinstance(dt, str) else dt
+    if device.type == "cpu" and dt in (torch.float16, torch.bfloat16):
+        notes.append(f"checkpoint dtype {dt} computed in float32 on the CPU")
+        return torch.float32
+    if device.type == "cuda" and dt == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        notes.append("bfloat16 is not supported by this GPU: using float16")
+        return torch.float16
+    return dt
+
+
+def default_budgets(device: torch.device, ro: RunOptions) -> tuple[int, int]:
+    host_avail = psutil.virtual_memory().available
+    cpu_budget = parse_size(ro.max_cpu_mem) if ro.max_cpu_mem else int(host_avail * 0.8)
+    if ro.max_gpu_mem:
+        budget = parse_size(ro.max_gpu_mem)
+        if device.type == "cuda":
+            total = torch.cuda.get_device_properties(device).total_memory
+            if budget > total:
+                raise ValueError(f"--max-gpu-mem {ro.max_gpu_mem} exceeds the device's {fmt_bytes(total)}")
+    elif device.type == "cuda":
+        budget = int(torch.cuda.get_device_properties(device).total_memory * 0.9)
+    else:
+        budget = cpu_budget
+    return budget, cpu_budget
+
+
+def prepare_run(qc: QuantConfig, ro: RunOptions, console: Console | None = None) -> PreparedRun:
+    """All checks and the plan; reads configs and file names only (no weights, no data)."""
+    console = console or Console(ro.progress)
+    qc.validate()
+    notes: list = []
+    plan_only = ro.plan_only
+    config = load_config(qc.model)
+    adapter = get_adapter(config)
+    model_dir = None
+    if not plan_only or Path(qc.model).is_dir():
+        model_dir = resolve_model_dir(qc.model, need_weights=not plan_only) if not qc.model.endswith(".json") else None
+    if not plan_only:
+        if model_dir is None:
+            raise ValueError("--model must be a model directory or hub id (a config JSON only works with --plan-only)")
+        CheckpointReader(model_dir)   # weights present and readable, before any work
+    if qc.seqlen > adapter.max_positions:
+        notes.append(f"--seqlen {qc.seqlen} capped to the model's {adapter.max_positions} positions")
+        qc.seqlen = adapter.max_positions
+    if qc.uses_calibration and not plan_only:
+        if qc.calib_file:
+            if not Path(qc.calib_file).is_file():
+                raise ValueError(f"--calib-file {qc.calib_file} does not exist")
+        elif ro.data_dir is not None:
+            local_files(qc.calib, "train", ro.data_dir)
+    if ro.hessians not in ("auto", "cpu", "device"):
+        raise ValueError(f"--hessians must be auto, cpu or device, got {ro.hessians!r}")
+    device = resolve_device(ro.device)
+    dtype = resolve_dtype(qc.dtype, config, device, notes)
+    budget, cpu_budget = default_budgets(device, ro)
+    inputs = PlanInputs(method=qc.method, calibration=qc.uses_calibration, nsamples=qc.nsamples,
+                        seqlen=qc.seqlen, dtype_bytes=torch.empty((), dtype=dtype).element_size(),
+                        block_v=qc.block_v, group_size=qc.group_size, device_type=device.type)
+    plan = make_plan(adapter, inputs, budget, cpu_budget, ro.hessians)
+    state_mode = None
+    if not plan_only:
+        if not ro.output:
+            raise ValueError("--output is required (where the quantized model is written)")
+        state_mode = RunState.check_output(Path(ro.output), _state_config(qc, model_dir), ro.overwrite)
+    return PreparedRun(qc=qc, ro=ro, config=config, adapter=adapter, model_dir=model_dir, device=device,
+                       dtype=dtype, plan=plan, state_mode=state_mode, notes=notes)
+
+
+def _state_config(qc: QuantConfig, model_dir: Path | None) -> dict:
+    """What keys a run for resume: the quantization config and the model's identity."""
+    d = qc.as_dict()
+    d["model"] = str(Path(model_dir).resolve()) if model_dir else qc.model
+    if model_dir is not None:
+        d["model_files"] = CheckpointReader(model_dir).fingerprint()
+    if qc.calib_file:
+        p = Path(qc.calib_file)
+        d["calib_file"] = [str(p.resolve()), p.stat().st_size, int(p.stat().st_mtime)]
+    d["lowmem_boa"] = __version__
+    return d
+
+
+def _block_tensors(outcome_weights: dict, quant: dict) -> dict:
+    tensors = dict(outcome_weights)
+    for name, (codes, scale, zero) in quant.items():
+        tensors[f"{name}.qcodes"] = codes
+        tensors[f"{name}.qscale"] = scale
+        tensors[f"{name}.qzero"] = zero
+    return tensors
+
+
+def quantize_model(qc: QuantConfig, ro: RunOptions, console: Console | None = None) -> dict:
+    """Run (or resume) a quantization job; returns the report written to quant_report.json."""
+    console = console or Console(ro.progress)
+    prep = prepare_run(qc, ro, console)
+    for note in prep.notes:
+        console.note(note)
+    console.plan(prep)
+    if ro.plan_only:
+        return {"plan": prep.plan.as_dict()}
+    return _run(prep, console)
+
+
+def _run(prep: PreparedRun, console: Console) -> dict:
+    qc, ro, adapter, plan = prep.qc, prep.ro, prep.adapter, prep.plan
+    t_start = time.perf_counter()
+    output = Path(ro.output)
+    state = RunState(output)
+    execution = {"device": str(prep.device), "dtype": str(prep.dtype), "chunk": plan.chunk,
+                 "attn_chunk": plan.attn_chunk, "attn_heads": plan.attn_heads,
+                 "hessians_on_device": plan.hessians_on_device, "budget": plan.budget}
+    state.open(_state_config(qc, prep.model_dir), prep.state_mode, execution)
+    if prep.state_mode == "resume" and state.data.get("execution") != execution:
+        console.note("resuming with different execution settings than the first run: the result is "
+                     "valid but may differ in the last bits from an uninterrupted run")
+    n_blocks = adapter.n_blocks
+    done = state.verified_prefix(n_blocks)
+    if prep.state_mode == "resume":
+        console.note(f"resuming: {done}/{n_blocks} blocks already quantized")
+
+    if prep.device.type == "cuda":
+        total = torch.cuda.get_device_properties(prep.device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, plan.budget / total), prep.device)
+    ledger = Ledger(prep.device, plan.budget)
+    reader = CheckpointReader(prep.model_dir)
+    model = build_skeleton(prep.config, prep.dtype)
+    sch = Scheduler(model, reader, prep.device, ledger, prep.dtype, plan.hessians_on_device)
+
+    store, kwargs = None, None
+    with torch.inference_mode():
+        if qc.uses_calibration and done < n_blocks:
+            from transformers import AutoTokenizer
+            tokenizer = AutoTokenizer.from_pretrained(prep.model_dir)
+            source = file_source(qc.calib_file) if qc.calib_file else load_source(qc.calib, "train", ro.data_dir)
+            ids = calibration_windows(tokenizer, source, qc.nsamples, qc.seqlen, qc.seed)
+            store = ActivationStore(qc.nsamples, qc.seqlen, adapter.heads.hidden_size, prep.dtype,
+                                    work_dir=state.dir / "work", on_disk=plan.activations_on_disk)
+            kwargs = first_block_inputs(sch, model, adapter, ids, store, plan.chunk, plan)
+            kwargs_bytes = sum(t.numel() * t.element_size() for v in kwargs.values()
+                               for t in (v if isinstance(v, tuple) else (v,)) if isinstance(t, torch.Tensor))
+            ledger.reserve("block kwargs (RoPE tables, masks)", kwargs_bytes)
+
+        with console.blocks(n_blocks, done) as progress:
+            for i in range(n_blocks):
+                name = adapter.block_name(i)
+                if i < done:
+                    if store is not None and i < n_blocks - 1:
+                        progress.update(i, "replaying finished block")
+                        weights, _ = state.load_block(i)
+                        with sch.resident([name], f"block {i}", weights={f"{name}.{k}": v for k, v in weights.items()}) as (blk,):
+                            BlockQuantizer(sch, adapter, plan, qc, kwargs).propagate(blk, store)
+                        store.advance()
+                    continue
+                progress.update(i, "quantizing")
+                with sch.resident([name], f"block {i}") as (blk,):
+                    bq = BlockQuantizer(sch, adapter, plan, qc, kwargs)
+                    outcome = bq.quantize(blk, store)
+                    layer_stats = [vars(r) for r in outcome.layers]
+                    stats = {"seconds": outcome.seconds, "phase_seconds": outcome.phase_seconds,
+                             "layers": layer_stats}
+                    meta = {"method": qc.method, "wbits": qc.wbits, "sym": qc.sym, "group_size": qc.group_size,
+                            "qparam": qc.qparam, "layers": list(outcome.quant)}
+                    state.save_block(i, _block_tensors(outcome.weights, outcome.quant), meta, stats)
+                    if store is not None and i < n_blocks - 1:
+                        progress.update(i, "propagating")
+                        stats["phase_seconds"][PHASE_PROPAGATE] = bq.propagate(blk, store)
+                        state.update_block_stats(i, stats)
+                        store.advance()
+                progress.advance(i, stats, ledger)
+        if store is not None:
+            store.close()
+
+    console.note("writing the Hugging Face checkpoint")
+    files = export_fake_quant(output, prep.model_dir, prep.config, _export_tensors(model, reader, state, adapter,
+                                                                                  prep.dtype), prep.dtype)
+    report = {
+        "lowmem_boa": __version__, "config": qc.as_dict(), "options": ro.as_dict(), "notes": prep.notes,
+        "execution": execution, "plan": plan.as_dict(), "memory": ledger.report(),
+        "blocks": state.block_stats(), "seconds_total_this_run": time.perf_counter() - t_start,
+        "resumed_from_block": done if prep.state_mode == "resume" else None, "files": files,
+    }
+    state.mark_complete({"exported_files": files + ["quant_report.json"]})
+    atomic_write_bytes(output / "quant_report.json", json.dumps(report, indent=1, default=str).encode())
+    console.summary(report)
+    return report
+
+
+def _export_tensors(model, reader: CheckpointReader, state: RunState, adapter, dtype):
+    """``(name, tensor)`` for the exported checkpoint in state-dict order, one block at a time."""
+    names = list(model.state_dict().keys())
+    prefix = adapter.blocks_prefix + "."
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    out_emb = model.get_output_embeddings()
+    head_name = next((n for n, p in model.named_parameters(remove_duplicate=False) if p is out_emb.weight), None)
+    current, cache = None, {}
+    for n in names:
+        if tied and n == head_name:
+            continue
+        if n.startswith(prefix):
+            i = int(n[len(prefix):].split(".", 1)[0])
+            if i != current:
+                cache, _ = state.load_block(i)
+                current = i
+            yield n, cache[n[len(prefix) + len(str(i)) + 1:]]
+        else:
+            key = reader.resolve(n, getattr(model, "base_model_prefix", "model"))
+            if key is None:
+                continue  # non-persistent or derived (e.g. rotary frequencies)
+            t = reader.get(key)
+            yield n, t.to(dtype) if t.is_floating_point() else t

@@ -1,0 +1,373 @@
+"""Memory model and plan of a streaming quantization run, from the model config alone.
+
+Every phase of the pipeline has a predicted peak on the compute device, written as a sum of
+named terms (see docs/memory.md for the formulas). The planner picks the largest chunk sizes
+whose peaks fit the budget, decides whether the float32 Hessian accumulators can stay on the
+device, and refuses with a clear message when even the smallest plan does not fit.
+
+Symbols: ``d`` hidden size, ``H``/``Hkv`` query/KV heads, ``dh`` head size, ``I`` MLP size,
+``V`` vocabulary, ``L`` sequence length, ``N`` calibration samples, ``c`` samples per chunk,
+``b`` bytes per weight/activation element (2 for fp16/bf16), 4 bytes for float32 statistics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..models.base import ModelAdapter
+from .ledger import fmt_bytes
+
+F32 = 4
+SAFETY = 0.90          # use at most this fraction of a budget for predicted peaks
+CPU_FIXED = 1 << 30    # Python, torch, tokenizer and the model skeleton on the host
+
+
+PHASE_EMBED = "embed (first block inputs)"
+PHASE_ATTN = "attention statistics"
+PHASE_BLOCK_V = "block_v statistics"
+PHASE_OUT = "out-proj statistics"
+PHASE_MLP_IN = "MLP-input statistics"
+PHASE_MLP_OUT = "MLP-output statistics"
+PHASE_PROPAGATE = "propagate (block forward)"
+PHASE_SOLVE = "solve (per layer)"
+# terms the scheduler reserves itself when it places the tensors; the rest of a phase's
+# terms is workspace the computation allocates, reserved as one amount
+PLACED_TERMS = {"block weights", "input chunk", "input + output chunk", "embedding weights",
+                "H accumulator", "per-head H_col accumulator", "H_col (handed over)"}
+
+
+def workspace_bytes(phase: "Phase") -> int:
+    return int(sum(v for k, v in phase.terms.items() if k not in PLACED_TERMS))
+
+
+class PlanError(ValueError):
+    """The run cannot fit the given budgets; raised before any work."""
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    method: str              # boa | gptq | rtn
+    calibration: bool        # statistics and propagation needed (all but RTN with a data-free grid)
+    nsamples: int
+    seqlen: int
+    dtype_bytes: int
+    block_v: bool = True
+    group_size: int | None = None
+    device_type: str = "cuda"
+
+
+@dataclass
+class Phase:
+    name: str
+    terms: dict              # term -> bytes
+    note: str = ""
+
+    @property
+    def total(self) -> int:
+        return int(sum(self.terms.values()))
+
+
+@dataclass
+class Plan:
+    inputs: PlanInputs
+    budget: int
+    cpu_budget: int | None
+    chunk: int                          # samples per forward chunk
+    attn_chunk: int                     # samples per block_v attention chunk
+    attn_heads: int                     # query heads per block_v attention chunk
+    hessians_on_device: bool
+    activations_on_disk: bool
+    phases: list[Phase] = field(default_factory=list)
+    cpu_terms: dict = field(default_factory=dict)
+    gflop_per_block: dict = field(default_factory=dict)
+
+    @property
+    def peak(self) -> int:
+        return max(p.total for p in self.phases)
+
+    @property
+    def peak_phase(self) -> Phase:
+        return max(self.phases, key=lambda p: p.total)
+
+    def phase(self, name: str) -> Phase:
+        return next(p for p in self.phases if p.name == name)
+
+    @property
+    def cpu_total(self) -> int:
+        return int(sum(self.cpu_terms.values()))
+
+    def as_dict(self) -> dict:
+        return {
+            "budget_bytes": self.budget, "cpu_budget_bytes": self.cpu_budget, "chunk": self.chunk,
+            "attn_chunk": self.attn_chunk, "attn_heads": self.attn_heads,
+            "hessians_on_device": self.hessians_on_device, "activations_on_disk": self.activations_on_disk,
+            "predicted_peak_bytes": self.peak, "peak_phase": self.peak_phase.name,
+            "phases": {p.name: {"total_bytes": p.total, "terms": p.terms, "note": p.note} for p in self.phases},
+            "cpu_terms": self.cpu_terms, "cpu_total_bytes": self.cpu_total,
+            "gflop_per_block": self.gflop_per_block,
+        }
+
+    def render(self, title: str = "Plan"):
+        """A rich renderable: one row per phase, largest term first."""
+        from rich.table import Table
+        t = Table(title=title, show_lines=False)
+        t.add_column("phase")
+        t.add_column("predicted peak", justify="right")
+        t.add_column("largest terms")
+        for p in self.phases:
+            top = sorted(p.terms.items(), key=lambda kv: -kv[1])[:3]
+            mark = " [bold](peak)[/bold]" if p is self.peak_phase else ""
+            t.add_row(p.name + mark, fmt_bytes(p.total), ", ".join(f"{k} {fmt_bytes(v)}" for k, v in top))
+        t.caption = (f"device budget {fmt_bytes(self.budget)} · chunk {self.chunk} samples · "
+                     f"block_v chunk {self.attn_chunk} samples x {self.attn_heads} heads · Hessians on "
+                     f"{'device' if self.hessians_on_device else 'CPU'} · activations "
+                     f"{'on disk (memmap)' if self.activations_on_disk else 'in RAM'} · host "
+                     f"{fmt_bytes(self.cpu_total)}" + (f" of {fmt_bytes(self.cpu_budget)}" if self.cpu_budget else ""))
+        return t
+
+
+@dataclass(frozen=True)
+class Dims:
+    d: int
+    H: int
+    Hkv: int
+    dh: int
+    I: int
+    V: int
+    n_blocks: int
+    n_mlp_in: int
+    block_params: int
+    embed_params: int
+    head_params: int
+    linear_shapes: dict
+
+    @classmethod
+    def from_adapter(cls, adapter: ModelAdapter) -> "Dims":
+        h, c = adapter.heads, adapter.config
+        shapes = adapter.linear_shapes()
+        d, I = h.hidden_size, adapter.intermediate_size
+        V = int(c.vocab_size)
+        linear = sum(o * i for o, i in shapes.values())
+        biases = sum(o for o, _ in shapes.values())
+        block = linear + biases + 4 * d                       # + norms (upper bound)
+        embed = V * d + (int(getattr(c, "max_position_embeddings", 0)) + 2) * d * (adapter.family == "OPT")
+        head = 0 if getattr(c, "tie_word_embeddings", False) else V * d
+        return cls(d=d, H=h.n_heads, Hkv=h.n_kv_heads, dh=h.head_dim, I=I, V=V, n_blocks=adapter.n_blocks,
+                   n_mlp_in=len(adapter.mlp_in), block_params=block, embed_params=embed, head_params=head,
+                   linear_shapes=shapes)
+
+
+def solver_workspace(rows: int, cols: int, n_col_hessians: int, dtype_bytes: int) -> dict:
+    """Device bytes of one ``gptq``/``boa`` call on a ``rows x cols`` weight (float32 solve).
+
+    Hessians handed over (no copy), their ``U`` factors, Cholesky temporaries for one head,
+    the float32 weight copy, the Hessian-grid search temporaries, sweep outputs and the
+    un-permuted result.
+    """
+    rc = rows * cols
+    return {
+        "H_col (handed over)": n_col_hessians * cols * cols * F32,
+        "U_col": n_col_hessians * cols * cols * F32,
+        "Cholesky temporaries": 3 * cols * cols * F32,
+        "weight fp32 + sweep outputs": 4 * rc * F32,
+        "grid search temporaries": 3 * rc * F32,
+        "result": rc * (dtype_bytes + 1),
+    }
+
+
+def _attention_forward(c: int, L: int, D: Dims, b: int) -> int:
+    """HF attention of a chunk, assuming the math (materialised) attention kernel."""
+    qkv = c * L * (D.H + 2 * D.Hkv) * D.dh * b * 2     # projections + rotated copies
+    scores = c * D.H * L * L * (F32 + b)               # logits + probabilities
+    return qkv + scores + c * L * D.H * D.dh * b
+
+
+def build_phases(D: Dims, inp: PlanInputs, c: int, ca: int, g: int, hess_dev: bool) -> list[Phase]:
+    L, b, N = inp.seqlen, inp.dtype_bytes, inp.nsamples
+    act = c * L * D.d * b
+    blk = D.block_params * b
+    phases = []
+    phases.append(Phase(PHASE_EMBED, {
+        "embedding weights": D.embed_params * b, "ids": c * L * 8, "embeddings out": 2 * act}))
+    if not inp.calibration:
+        big = max(D.linear_shapes.values(), key=lambda s: s[0] * s[1])
+        phases.append(Phase(PHASE_SOLVE, {"block weights": blk, **solver_workspace(*big, 1, b)},
+                            "RTN: grid search only"))
+        return phases
+
+    gram = lambda n: n * n * F32  # noqa: E731
+    acc = lambda n: gram(n) if hess_dev else 0  # noqa: E731
+    x32 = c * L * D.d * F32
+    phases.append(Phase(PHASE_ATTN, {
+        "block weights": blk, "input chunk": act, "attention input": act + x32,
+        "q/k/v (float32, rotated)": c * L * (D.H + 2 * D.Hkv) * D.dh * F32 * 2,
+        "H partial": gram(D.d) + 2 * D.Hkv * D.dh * D.dh * F32,
+        "H accumulator": acc(D.d) + (2 * D.Hkv * D.dh * D.dh * F32 if hess_dev else 0)}))
+    if inp.method == "boa" and inp.block_v:
+        kv = max(1, g // (D.H // D.Hkv))
+        phases.append(Phase(PHASE_BLOCK_V, {
+            "block weights": blk, "input chunk": ca * L * D.d * b,
+            "attention input": ca * L * D.d * (b + F32),
+            "q/k (float32, rotated)": ca * L * (D.H + D.Hkv) * D.dh * F32 * 2,
+            "attention logits + probabilities": 2 * ca * g * L * L * F32,
+            "A X (float32)": ca * g * L * D.d * F32,
+            "per-head H_col partial": kv * gram(D.d), "per-head H_col accumulator": kv * gram(D.d)},
+            f"{g} query heads x {ca} samples per step"))
+    attn_fwd = _attention_forward(c, L, D, b)
+    HO = D.H * D.dh
+    phases.append(Phase(PHASE_OUT, {
+        "block weights": blk, "input chunk": act, "attention forward": attn_fwd,
+        "out-proj input (+ float32)": c * L * HO * (b + F32), "H partial": gram(HO), "H accumulator": acc(HO)}))
+    phases.append(Phase(PHASE_MLP_IN, {
+        "block weights": blk, "input chunk": act, "attention forward": attn_fwd, "residual stream": 3 * act,
+        "MLP input (+ float32)": act + x32, "H partial": gram(D.d), "H accumulator": acc(D.d)}))
+    mlp = c * L * D.I * b * (D.n_mlp_in + 1)
+    phases.append(Phase(PHASE_MLP_OUT, {
+        "block weights": blk, "input chunk": act, "residual stream": 3 * act, "MLP activations": mlp,
+        "MLP output input (+ float32)": c * L * D.I * (b + F32), "H partial": gram(D.I), "H accumulator": acc(D.I)}))
+    phases.append(Phase(PHASE_PROPAGATE, {
+        "block weights": blk, "input + output chunk": 2 * act, "attention forward": attn_fwd,
+        "MLP activations": mlp, "residual stream": 3 * act}))
+    # the largest solver call of a block; V under block_v has one H_col per KV head
+    worst = {}
+    for name, (r, cc) in D.linear_shapes.items():
+        nh = D.Hkv if (inp.method == "boa" and inp.block_v and name.endswith("v_proj")) else 1
+        ws = solver_workspace(r, cc, nh, b)
+        if sum(ws.values()) > sum(worst.values() or [0]):
+            worst, worst_name = ws, name
+    row_h = D.H * D.dh * D.dh * F32 if inp.method == "boa" else 0
+    phases.append(Phase(PHASE_SOLVE, {"block weights": blk, **worst, "H_row": row_h},
+                        f"largest: {worst_name}"))
+    return phases
+
+
+def _gflops(D: Dims, inp: PlanInputs) -> dict:
+    N, L = inp.nsamples, inp.seqlen
+    tok = N * L
+    block_linear = sum(o * i for o, i in D.linear_shapes.values())
+    attn = 4 * tok * L * D.H * D.dh  # q k^T and A v
+    out = {"block forward": (2 * tok * block_linear + attn) / 1e9}
+    if not inp.calibration:
+        return out
+    out["statistics (H_col Grams)"] = 2 * tok * (3 * D.d * D.d + (D.H * D.dh) ** 2 + D.I * D.I) / 1e9
+    if inp.method == "boa" and inp.block_v:
+        out["block_v statistics"] = (2 * tok * L * D.H * (D.dh + D.d) + 2 * tok * D.H * D.d * D.d) / 1e9
+    grid = 160 * 2  # Hessian-grid candidates x matmul
+    out["solve (Hessian grid + OPTQ)"] = sum((grid + 4) * o * i * i for o, i in D.linear_shapes.values()) / 1e9
+    return out
+
+
+def make_plan(adapter: ModelAdapter, inp: PlanInputs, budget: int, cpu_budget: int | None = None,
+              hessians: str = "auto") -> Plan:
+    """Largest chunking that fits ``budget`` (device) and ``cpu_budget`` (host), or PlanError."""
+    D = Dims.from_adapter(adapter)
+    N = inp.nsamples
+    limit = budget * SAFETY
+    n_rep = D.H // D.Hkv
+
+    def fits(c, ca, g, hd):
+        return all(p.total <= limit for p in build_phases(D, inp, c, ca, g, hd))
+
+    # smallest possible plan first: refuse clearly if even that is too big
+    minimal = build_phases(D, inp, 1, 1, n_rep, False)
+    too_big = [p for p in minimal if p.total > limit]
+    if too_big:
+        worst = max(too_big, key=lambda p: p.total)
+        top = sorted(worst.terms.items(), key=lambda kv: -kv[1])[:3]
+        raise PlanError(
+            f"device budget {fmt_bytes(budget)} is too small: the smallest plan needs "
+            f"{fmt_bytes(worst.total / SAFETY)} for '{worst.name}' ({', '.join(f'{k} {fmt_bytes(v)}' for k, v in top)}; "
+            f"{int(100 * (1 - SAFETY))}% headroom kept)"
+            + (". Try --no-block-v" if worst.name.startswith(("block_v", "solve")) and inp.block_v
+               and inp.method == "boa" else "")
+            + (" or a shorter --seqlen" if "statistics" in worst.name or "propagate" in worst.name else ""))
+    hess_dev = hessians == "device" or (hessians == "auto" and fits(1, 1, n_rep, True))
+    if hessians == "device" and not fits(1, 1, n_rep, True):
+        raise PlanError("--hessians device does not fit the device budget; use --hessians cpu")
+
+    c = 1
+    for cand in sorted({N, *[2 ** k for k in range(0, N.bit_length())]}, reverse=True):
+        if cand <= N and fits(cand, 1, n_rep, hess_dev):
+            c = cand
+            break
+    g, ca = n_rep, 1
+    if inp.method == "boa" and inp.block_v:
+        for cand in range(D.H, n_rep - 1, -n_rep):
+            if fits(c, 1, cand, hess_dev):
+                g = cand
+                break
+        for cand in sorted({N, *[2 ** k for k in range(0, N.bit_length())]}, reverse=True):
+            if cand <= N and fits(c, cand, g, hess_dev):
+                ca = cand
+                break
+    phases = build_phases(D, inp, c, ca, g, hess_dev)
+
+    # host memory: activations (in + out), the largest set of Hessians kept on the host,
+    # one block staged on its way to the device, calibration ids
+    L, b = inp.seqlen, inp.dtype_bytes
+    acts = 2 * N * L * D.d * b if inp.calibration else 0
+    hess_host = 0
+    if inp.calibration:
+        sets = [D.d * D.d + (D.Hkv * D.d * D.d if inp.method == "boa" and inp.block_v else 0),
+                (D.H * D.dh) ** 2, D.d * D.d, D.I * D.I]
+        hess_host = max(sets) * F32
+    cpu_terms = {"activations (in + out)": acts, "Hessians on host": hess_host,
+                 "block staging": D.block_params * b * 2, "calibration ids": N * L * 8, "runtime": CPU_FIXED}
+    on_disk = False
+    if cpu_budget is not None and sum(cpu_terms.values()) > cpu_budget * SAFETY and acts:
+        on_disk = True
+        cpu_terms["activations (in + out)"] = 0
+        cpu_terms["activation chunks in flight (disk memmap)"] = 2 * c * L * D.d * b
+    if cpu_budget is not None and sum(cpu_terms.values()) > cpu_budget * SAFETY:
+        top = sorted(cpu_terms.items(), key=lambda kv: -kv[1])[:3]
+        raise PlanError(f"host budget {fmt_bytes(cpu_budget)} is too small even with activations on "
+                        f"disk: needs {fmt_bytes(sum(cpu_terms.values()) / SAFETY)} "
+                        f"({', '.join(f'{k} {fmt_bytes(v)}' for k, v in top)})")
+    return Plan(inputs=inp, budget=budget, cpu_budget=cpu_budget, chunk=c, attn_chunk=ca, attn_heads=g,
+                hessians_on_device=hess_dev, activations_on_disk=on_disk, phases=phases,
+                cpu_terms=cpu_terms, gflop_per_block=_gflops(D, inp))
+
+
+PHASE_HEAD = "LM head (logits, NLL)"
+
+
+@dataclass
+class EvalPlan:
+    budget: int
+    chunk: int              # windows per block-forward chunk
+    head_tokens: int        # positions per logits slice
+    phases: list
+
+    @property
+    def peak(self) -> int:
+        return max(p.total for p in self.phases)
+
+    def phase(self, name: str) -> Phase:
+        return next(p for p in self.phases if p.name == name)
+
+
+def make_eval_plan(adapter: ModelAdapter, n_windows: int, seqlen: int, dtype_bytes: int, budget: int) -> EvalPlan:
+    """Chunking for streaming evaluation (perplexity) of ``n_windows`` windows of ``seqlen``."""
+    D = Dims.from_adapter(adapter)
+    b, L = dtype_bytes, seqlen
+    limit = budget * SAFETY
+    inp = PlanInputs(method="gptq", calibration=True, nsamples=n_windows, seqlen=L, dtype_bytes=b)
+    head_w = (D.head_params or D.V * D.d) * b + 2 * D.d * b
+
+    def phases(c, s):
+        base = {p.name: p for p in build_phases(D, inp, c, 1, D.H // D.Hkv, False)}
+        head = Phase(PHASE_HEAD, {"LM head weights": head_w, "hidden chunk": c * L * D.d * b,
+                                  "logits + log-probabilities (float32)": 3 * s * D.V * F32})
+        return [base[PHASE_EMBED], base[PHASE_PROPAGATE], head]
+
+    def fits(c, s):
+        return all(p.total <= limit for p in phases(c, s))
+
+    if not fits(1, 1):
+        worst = max(phases(1, 1), key=lambda p: p.total)
+        raise PlanError(f"device budget {fmt_bytes(budget)} is too small to evaluate: '{worst.name}' needs "
+                        f"{fmt_bytes(worst.total / SAFETY)}")
+    s = next(x for x in sorted({L, *[2 ** k for k in range(L.bit_length())]}, reverse=True) if x <= L and fits(1, x))
+    c = next(x for x in sorted({n_windows, *[2 ** k for k in range(n_windows.bit_length())]}, reverse=True)
+             if x <= n_windows and fits(x, s))
+    return EvalPlan(budget=budget, chunk=c, head_tokens=s, phases=phases(c, s))
