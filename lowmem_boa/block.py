@@ -180,13 +180,15 @@ class BlockQuantizer:
                 res = boa_quantize(W, H_dev, Hr_dev, n_heads, qc.wbits, act_order_col=qc.act_order_col,
                                    act_order_row=qc.act_order_row, block_size=qc.block_size,
                                    overwrite_hessians=True, **common)
-                report.rel_attention_error = _rel(attention_loss(W, res.Q, H_dev, Hr_dev),
-                                                  attention_loss(W, torch.zeros_like(W), H_dev, Hr_dev))
+                f32 = torch.float32  # diagnostics only: float32 keeps them cheap on GPUs
+                report.rel_attention_error = _rel(attention_loss(W, res.Q, H_dev, Hr_dev, f32),
+                                                  attention_loss(W, torch.zeros_like(W), H_dev, Hr_dev, f32))
             else:
                 res = gptq_quantize(W, H_dev, qc.wbits, act_order=qc.act_order_col, block_size=qc.block_size,
                                     overwrite_hessians=True, **common)
             if H_dev is not None:
-                report.rel_error = _rel(layer_loss(W, res.Q, H_dev), layer_loss(W, torch.zeros_like(W), H_dev))
+                report.rel_error = _rel(layer_loss(W, res.Q, H_dev, torch.float32),
+                                        layer_loss(W, torch.zeros_like(W), H_dev, torch.float32))
             del H_dev, Hr_dev
             for tag in tags:
                 self.sch.free(tag)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lowmem_boa.solvers import boa, boa_quantize, gptq, gptq_quantize, upper_cholesky_of_inverse
+from lowmem_boa.solvers import boa_quantize, gptq, gptq_quantize, upper_cholesky_of_inverse
 
 from helpers import fake_quant, random_problem
 

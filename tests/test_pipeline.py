@@ -17,11 +17,9 @@ from lowmem_boa.pipeline import prepare_run, quantize_model
 from lowmem_boa.scheduler import PlanError
 from lowmem_boa.ui import Console
 
-from tiny_models import REPO, SHARED, save_tiny_model, shared_available
+from tiny_models import DATA, REPO, needs_shared, save_tiny_model
 
-pytestmark = pytest.mark.skipif(not shared_available() and not os.environ.get("LOWMEM_BOA_REQUIRE_SHARED"),
-                                reason="needs ../shared (tokenizer and data)")
-DATA = str(SHARED / "data")
+pytestmark = needs_shared
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """On random PSD Kronecker problems BoA < GPTQ < RTN on BoA's attention-aware loss."""
 
 import pytest
-import torch
 
 from lowmem_boa.solvers import attention_loss, boa, gptq, layer_loss, rtn
 

@@ -6,15 +6,23 @@ import os
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("LOWMEM_BOA_SHARED", REPO.parent / "shared"))
+DATA = str(SHARED / "data")
 TOKENIZER_SRC = SHARED / "models" / "llama-wt2-9m"   # byte-level BPE, 8192 tokens
 
 
 def shared_available() -> bool:
     return (SHARED / "models").is_dir() and (SHARED / "data").is_dir()
+
+
+# Tests that read ../shared skip without it on a developer machine; CI sets
+# LOWMEM_BOA_REQUIRE_SHARED=1 so that they run (and fail loudly if it is missing).
+needs_shared = pytest.mark.skipif(not shared_available() and not os.environ.get("LOWMEM_BOA_REQUIRE_SHARED"),
+                                  reason="needs ../shared (models, tokenizer, data)")
 
 
 def tiny_config(family: str, n_layers: int = 2, vocab: int = 8192):
