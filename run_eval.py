@@ -1,13 +1,9 @@
 #!/usr/bin/env python
-"""Evaluate a quantized checkpoint (perplexity, zero-shot): not yet available."""
+"""Evaluate a (quantized) model: perplexity and zero-shot accuracy. See `python run_eval.py --help`."""
 
 import sys
 
-
-def main(argv=None) -> int:
-    print("run_eval.py: evaluation is not yet available in this version.", file=sys.stderr)
-    return 2
-
+from lowmem_boa.cli.evaluate import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,7 +7,7 @@ results with an uninterrupted run are guaranteed when they match).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from .solvers.validation import GRIDS
 
@@ -82,6 +82,7 @@ class RunOptions:
     hessians: str = "auto"          # auto | cpu | device
     progress: bool = True
     eval_ppl: bool = False          # WikiText-2 perplexity of the result, in-process
+    export: list = field(default_factory=list)   # packed | gptq | gptq_v2 | compressed-tensors
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -49,11 +49,12 @@ class PreparedRun:
     notes: list = field(default_factory=list)
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, require_available: bool = True) -> torch.device:
+    """``auto`` -> cuda if present else cpu. A plan may target a device this machine lacks."""
     if name in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
+    if require_available and dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine")
     return dev
 
@@ -66,7 +67,8 @@ def resolve_dtype(choice: str, config, device: torch.device, notes: list) -> tor
     if device.type == "cpu" and dt in (torch.float16, torch.bfloat16):
         notes.append(f"checkpoint dtype {dt} computed in float32 on the CPU")
         return torch.float32
-    if device.type == "cuda" and dt == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+    if device.type == "cuda" and dt == torch.bfloat16 and torch.cuda.is_available() \
+            and not torch.cuda.is_bf16_supported():
         notes.append("bfloat16 is not supported by this GPU: using float16")
         return torch.float16
     return dt
@@ -77,11 +79,13 @@ def default_budgets(device: torch.device, ro: RunOptions) -> tuple[int, int]:
     cpu_budget = parse_size(ro.max_cpu_mem) if ro.max_cpu_mem else int(host_avail * 0.8)
     if ro.max_gpu_mem:
         budget = parse_size(ro.max_gpu_mem)
-        if device.type == "cuda":
+        if device.type == "cuda" and torch.cuda.is_available():
             total = torch.cuda.get_device_properties(device).total_memory
             if budget > total:
                 raise ValueError(f"--max-gpu-mem {ro.max_gpu_mem} exceeds the device's {fmt_bytes(total)}")
     elif device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("planning for a GPU this machine lacks needs --max-gpu-mem")
         budget = int(torch.cuda.get_device_properties(device).total_memory * 0.9)
     else:
         budget = cpu_budget
@@ -112,9 +116,13 @@ def prepare_run(qc: QuantConfig, ro: RunOptions, console: Console | None = None)
                 raise ValueError(f"--calib-file {qc.calib_file} does not exist")
         elif ro.data_dir is not None:
             local_files(qc.calib, "train", ro.data_dir)
+    from .export.formats import EXPORT_CHOICES
+    bad = [f for f in ro.export if f not in EXPORT_CHOICES]
+    if bad:
+        raise ValueError(f"--export: unknown format(s) {', '.join(bad)}; choose from {', '.join(EXPORT_CHOICES)}")
     if ro.hessians not in ("auto", "cpu", "device"):
         raise ValueError(f"--hessians must be auto, cpu or device, got {ro.hessians!r}")
-    device = resolve_device(ro.device)
+    device = resolve_device(ro.device, require_available=not plan_only)
     dtype = resolve_dtype(qc.dtype, config, device, notes)
     budget, cpu_budget = default_budgets(device, ro)
     inputs = PlanInputs(method=qc.method, calibration=qc.uses_calibration, nsamples=qc.nsamples,
@@ -244,6 +252,13 @@ def _run(prep: PreparedRun, console: Console) -> dict:
     }
     state.mark_complete({"exported_files": files + ["quant_report.json"]})
     atomic_write_bytes(output / "quant_report.json", json.dumps(report, indent=1, default=str).encode())
+    if ro.export:
+        from .export.formats import export_choice
+        for choice in ro.export:
+            console.note(f"exporting {choice} to {output / choice}")
+            export_choice(output, choice)
+        report["exports"] = list(ro.export)
+        state.mark_complete({"exported_files": files + ["quant_report.json"] + list(ro.export)})
     console.summary(report)
     return report
 

@@ -29,7 +29,8 @@ def memory_text(ledger=None) -> str:
 class Console:
     def __init__(self, progress: bool = True, rich: RichConsole | None = None):
         self.progress = progress
-        self.rich = rich or RichConsole(stderr=True, highlight=False)
+        import sys
+        self.rich = rich or RichConsole(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 140)
 
     def note(self, text: str) -> None:
         self.rich.print(f"[yellow]note:[/yellow] {text}" if self.progress else f"note: {text}", soft_wrap=True)

@@ -23,7 +23,17 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def export_fake_quant(output: Path, source_dir: Path, config, tensors_in_order, dtype: torch.dtype,
                       max_shard_bytes: int = 5 * 2 ** 30) -> list[str]:
-    """Write shards from ``tensors_in_order`` (an iterable of ``(name, tensor)``); return file names."""
+    """The fake-quantized model: a plain checkpoint in ``dtype``; return the file names written."""
+    cfg = config.to_dict()
+    cfg["dtype"] = str(dtype).replace("torch.", "")
+    cfg.pop("torch_dtype", None)
+    return write_checkpoint(output, source_dir, cfg, tensors_in_order, max_shard_bytes)
+
+
+def write_checkpoint(output: Path, source_dir: Path, config: dict, tensors_in_order,
+                     max_shard_bytes: int = 5 * 2 ** 30) -> list[str]:
+    """Write ``config`` and safetensors shards from ``tensors_in_order`` (``(name, tensor)``, streamed),
+    copy generation config and tokenizer files from ``source_dir``; return the file names."""
     output.mkdir(parents=True, exist_ok=True)
     parts: list[str] = []
     weight_map: dict[str, str] = {}
@@ -61,10 +71,7 @@ def export_fake_quant(output: Path, source_dir: Path, config, tensors_in_order, 
         atomic_write_bytes(output / "model.safetensors.index.json", json.dumps(index, indent=2).encode())
         written = [*renames.values(), "model.safetensors.index.json"]
 
-    cfg = config.to_dict()
-    cfg["dtype"] = str(dtype).replace("torch.", "")
-    cfg.pop("torch_dtype", None)
-    atomic_write_bytes(output / "config.json", json.dumps(cfg, indent=2, sort_keys=True).encode())
+    atomic_write_bytes(output / "config.json", json.dumps(config, indent=2, sort_keys=True).encode())
     written.append("config.json")
     for fname in ("generation_config.json", *TOKENIZER_FILES):
         src = source_dir / fname

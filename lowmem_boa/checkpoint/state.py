@@ -145,7 +145,11 @@ class RunState:
             except (OSError, json.JSONDecodeError):
                 pass
         for name in exported:
-            (self.output / name).unlink(missing_ok=True)
+            path = self.output / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
         if self.dir.exists():
             shutil.rmtree(self.dir)
 

@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--output", help="output directory (required unless --plan-only)")
     r.add_argument("--plan-only", action="store_true", help="print the memory plan and exit (no weights needed)")
     r.add_argument("--overwrite", action="store_true", help="replace a different run in --output")
+    r.add_argument("--export", default="", help="also write real low-bit checkpoints: packed, gptq, "
+                   "gptq_v2, compressed-tensors (comma-separated) into OUTPUT/<format>/")
     r.add_argument("--eval-ppl", action="store_true", help="WikiText-2 test perplexity of the result")
     r.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
     return p
@@ -93,7 +95,7 @@ def parse(argv=None):
     ro = RunOptions(output=args.output, device=args.device, max_gpu_mem=args.max_gpu_mem,
                     max_cpu_mem=args.max_cpu_mem, data_dir=args.data_dir, overwrite=args.overwrite,
                     plan_only=args.plan_only, hessians=args.hessians, progress=not args.no_progress,
-                    eval_ppl=args.eval_ppl)
+                    eval_ppl=args.eval_ppl, export=[f for f in args.export.split(",") if f])
     return qc, ro
 
 
@@ -105,11 +107,18 @@ def main(argv=None) -> int:
     from ..ui import Console
     qc, ro = parse(argv)
     console = Console(ro.progress)
+    import torch
     try:
-        report = quantize_model(qc, ro, console)
+        quantize_model(qc, ro, console)
     except (PlanError, StateError, DataError, ModelSourceError, ValueError) as e:
         console.error(str(e))
         return 2
+    except torch.cuda.OutOfMemoryError as e:
+        console.error(f"the GPU ran out of memory inside the --max-gpu-mem cap ({e}). The plan is an estimate: "
+                      "rerun the same command with a smaller --max-gpu-mem (smaller chunks); finished blocks are "
+                      "kept and the run resumes. (--no-block-v or fewer --nsamples also need less memory but "
+                      "change the configuration: they start a new run in another --output or with --overwrite.)")
+        return 1
     if ro.eval_ppl and not ro.plan_only:
         from ..eval.run import evaluate_perplexity
         res = evaluate_perplexity(ro.output, ["wikitext2"], qc.seqlen, ro.data_dir, ro.device, ro.max_gpu_mem)

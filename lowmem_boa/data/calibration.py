@@ -167,15 +167,21 @@ def calibration_windows(tokenizer, source: TextSource, nsamples: int, seqlen: in
     return torch.stack(windows)
 
 
+C4_EVAL_WINDOWS = 256   # GPTQ's C4 protocol: the first 256 windows of the joined validation documents
+
+
 def eval_windows(tokenizer, source: TextSource, seqlen: int, max_windows: int | None = None):
     """Non-overlapping ``seqlen`` windows of the whole split (GPTQ's perplexity protocol).
 
-    Documents are joined with blank lines (C4 validation: the documents given, in order).
-    Returns ``(n_windows, seqlen)``; the tail shorter than a window is dropped.
+    One text (WikiText-2, PTB): tokenized once. Documents (C4 validation): joined with spaces as
+    GPTQ does and cut to the first 256 windows. Returns ``(n_windows, seqlen)``; the tail shorter
+    than a window is dropped.
     """
-    text = source.docs[0] if not source.per_document else "\n\n".join(source.docs)
+    text = source.docs[0] if not source.per_document else " ".join(source.docs)
     ids = tokenize_text(tokenizer, text)
     n = ids.numel() // seqlen
+    if source.per_document:
+        n = min(n, C4_EVAL_WINDOWS)
     if max_windows is not None:
         n = min(n, max_windows)
     if n == 0:

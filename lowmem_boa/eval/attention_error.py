@@ -15,7 +15,7 @@ import torch
 
 from ..forward import block_forward, capture_output, first_block_inputs
 from ..models import get_adapter
-from ..scheduler import ActivationStore, CheckpointReader, Ledger, Scheduler, build_skeleton, load_config
+from ..scheduler import ActivationStore, Ledger, Scheduler, build_skeleton, load_config, open_checkpoint
 from ..scheduler.planner import make_eval_plan
 
 
@@ -23,7 +23,7 @@ def attention_output_errors(fp_dir: str | Path, q_dir: str | Path, windows: torc
                             budget: int, dtype: torch.dtype = torch.float32) -> list[dict]:
     config = load_config(str(fp_dir))
     adapter = get_adapter(config)
-    fp_reader, q_reader = CheckpointReader(fp_dir), CheckpointReader(q_dir)
+    fp_reader, q_reader = open_checkpoint(fp_dir), open_checkpoint(q_dir)
     model = build_skeleton(config, dtype)
     n, L = windows.shape
     plan = make_eval_plan(adapter, n, L, torch.empty((), dtype=dtype).element_size(), budget)

@@ -16,7 +16,7 @@ import torch
 
 from ..forward import block_forward, first_block_inputs
 from ..models import get_adapter
-from ..scheduler import ActivationStore, CheckpointReader, Ledger, Scheduler, build_skeleton, load_config
+from ..scheduler import ActivationStore, Ledger, Scheduler, build_skeleton, load_config, open_checkpoint
 from ..scheduler.planner import PHASE_HEAD, PHASE_PROPAGATE, make_eval_plan, workspace_bytes
 
 
@@ -26,7 +26,7 @@ def streaming_nll(model_dir: str | Path, windows: torch.Tensor, device: torch.de
     t0 = time.perf_counter()
     config = load_config(str(model_dir))
     adapter = get_adapter(config)
-    reader = CheckpointReader(model_dir)
+    reader = open_checkpoint(model_dir)
     model = build_skeleton(config, dtype)
     n, L = windows.shape
     plan = make_eval_plan(adapter, n, L, torch.empty((), dtype=dtype).element_size(), budget)

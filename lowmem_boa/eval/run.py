@@ -37,5 +37,7 @@ def evaluate_perplexity(model_dir: str | Path, datasets: list[str], seqlen: int,
         res["source"] = source.origin
         if name == "c4":
             res["documents"] = len(source.docs)
+        res["label"] = {"wikitext2": "WikiText-2 test", "ptb": "PTB test",
+                        "c4": f"C4 validation (first {len(source.docs)} docs)"}[name]
         out[name] = res
     return out

@@ -42,8 +42,30 @@ def resolve_model_dir(model: str, need_weights: bool = True) -> Path:
                                "pass a local model directory instead") from e
 
 
+PACKED_MODEL_TYPE = "lowmem_boa_packed"
+
+
+def _packed(model_dir: Path) -> bool:
+    try:
+        return json.loads((Path(model_dir) / "config.json").read_text()).get("model_type") == PACKED_MODEL_TYPE
+    except (OSError, ValueError):
+        return False
+
+
+def open_checkpoint(model_dir: str | Path):
+    """A per-tensor reader for a model directory: plain checkpoints, or lowmem_boa's packed format
+    (read de-quantized)."""
+    if _packed(Path(model_dir)):
+        from ..export.packed import PackedReader
+        return PackedReader(model_dir)
+    return CheckpointReader(model_dir)
+
+
 def load_config(model: str):
     from transformers import AutoConfig
+    if Path(model).is_dir() and _packed(Path(model)):
+        from ..export.packed import original_config
+        return AutoConfig.for_model(**original_config(json.loads((Path(model) / "config.json").read_text())))
     model_dir = resolve_model_dir(model, need_weights=False) if not str(model).endswith(".json") else None
     if model_dir is None:
         path = Path(model)

@@ -183,7 +183,7 @@ def _attention_forward(c: int, L: int, D: Dims, b: int) -> int:
 
 
 def build_phases(D: Dims, inp: PlanInputs, c: int, ca: int, g: int, hess_dev: bool) -> list[Phase]:
-    L, b, N = inp.seqlen, inp.dtype_bytes, inp.nsamples
+    L, b = inp.seqlen, inp.dtype_bytes
     act = c * L * D.d * b
     blk = D.block_params * b
     phases = []

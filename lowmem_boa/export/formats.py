@@ -1,0 +1,164 @@
+"""Export a finished run (``run_quant.py --output DIR``) to real low-bit checkpoint formats.
+
+* ``packed``: lowmem_boa's own format (:mod:`.packed`), exact, loadable with ``load_packed_model``
+  and evaluable by ``run_eval.py``;
+* ``gptq``: the GPTQ checkpoint layout (``qweight``/``qzeros``/``scales``/``g_idx`` +
+  ``quantization_config``) read by GPTQModel/AutoGPTQ, vLLM and SGLang; ``checkpoint_format="gptq"``
+  (v1: stored zero-points are ``zero - 1``) or ``"gptq_v2"`` (stored as is);
+* ``compressed-tensors``: the ``pack-quantized`` format of compressed-tensors (transformers loads it,
+  vLLM serves it).
+
+Everything is read from the run's block files (integer codes, scales, zeros) and its exported
+checkpoint (the other tensors), one block at a time.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..checkpoint.export_hf import write_checkpoint
+from ..checkpoint.state import RunState
+from ..models import get_adapter
+from ..scheduler import CheckpointReader, load_config
+from .packed import FORMAT as PACKED_FORMAT
+from .packed import QUANT_METHOD, mark_config, pack_layer
+from .packing import pack_int32_cols, pack_int32_rows
+
+FORMATS = ("packed", "gptq", "compressed-tensors")
+EXPORT_CHOICES = ("packed", "gptq", "gptq_v2", "compressed-tensors")   # what --export accepts
+
+
+class ExportError(ValueError):
+    pass
+
+
+def _run_info(run_dir: Path) -> dict:
+    report = run_dir / "quant_report.json"
+    if not report.is_file():
+        raise ExportError(f"{run_dir} is not a finished lowmem_boa run (no quant_report.json)")
+    return json.loads(report.read_text())
+
+
+def _layers(run_dir: Path, config, adapter):
+    """``(full_name, kind, tensors)`` per block parameter: kind 'quant' (codes/scale/zero/bias) or 'plain'."""
+    state = RunState(run_dir)
+    quantized = set(adapter.linear_names())
+    for i in range(adapter.n_blocks):
+        tensors, meta = state.load_block(i)
+        prefix = adapter.block_name(i)
+        done = set()
+        for name in meta["layers"]:
+            quantized_layer = {"codes": tensors[f"{name}.qcodes"], "scale": tensors[f"{name}.qscale"],
+                               "zero": tensors[f"{name}.qzero"], "bias": tensors.get(f"{name}.bias")}
+            done |= {f"{name}.{k}" for k in ("qcodes", "qscale", "qzero", "weight", "bias")}
+            yield f"{prefix}.{name}", "quant", quantized_layer
+        assert set(meta["layers"]) == quantized
+        for k, v in tensors.items():
+            if k not in done:
+                yield f"{prefix}.{k}", "plain", v
+
+
+def _non_block_tensors(run_dir: Path, adapter):
+    reader = CheckpointReader(run_dir)
+    prefix = adapter.blocks_prefix + "."
+    for key in sorted(reader.keys()):
+        if not key.startswith(prefix):
+            yield key, reader.get(key)
+
+
+def export_run(run_dir: str | Path, fmt: str, out_dir: str | Path, checkpoint_format: str = "gptq") -> list[str]:
+    """Write ``run_dir`` in ``fmt`` to ``out_dir``; returns the files written."""
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown export format '{fmt}'; choose from {', '.join(FORMATS)}")
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    info = _run_info(run_dir)
+    qc = info["config"]
+    bits, gs, sym = qc["wbits"], qc["group_size"], qc["sym"]
+    config = load_config(str(run_dir))
+    adapter = get_adapter(config)
+    cfg = json.loads((run_dir / "config.json").read_text())
+    modules = {}
+
+    def tensors():
+        yield from _non_block_tensors(run_dir, adapter)
+        for name, kind, t in _layers(run_dir, config, adapter):
+            if kind == "plain":
+                yield name, t
+                continue
+            codes, scale, zero, bias = t["codes"], t["scale"], t["zero"], t["bias"]
+            modules[name] = list(codes.shape)
+            if fmt == "packed":
+                for k, v in pack_layer(codes, scale, zero, bits).items():
+                    yield f"{name}.{k}", v
+            elif fmt == "gptq":
+                yield from _gptq_layer(name, codes, scale, zero, bits, gs, checkpoint_format)
+            else:
+                yield from _ct_layer(name, codes, scale, zero, bits, sym)
+            if bias is not None:
+                yield f"{name}.bias", bias
+
+    # the quantization_config names the modules, known only after streaming: write tensors first
+    files = write_checkpoint(out_dir, run_dir, cfg, tensors())
+    if fmt == "packed":
+        qcfg = {"quant_method": QUANT_METHOD, "format": PACKED_FORMAT, "bits": bits, "group_size": gs, "sym": sym,
+                "method": qc["method"], "modules": modules}
+        cfg = mark_config(cfg)
+    elif fmt == "gptq":
+        qcfg = {"quant_method": "gptq", "bits": bits, "group_size": gs or -1, "desc_act": False, "sym": sym,
+                "true_sequential": True, "checkpoint_format": checkpoint_format,
+                "meta": {"quantizer": [f"lowmem_boa:{qc['method']}"]}}
+    else:
+        qcfg = _ct_config(bits, gs, sym, adapter)
+    cfg["quantization_config"] = qcfg
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    return files
+
+
+def _gptq_layer(name, codes, scale, zero, bits, gs, checkpoint_format):
+    """GPTQ tensors of one linear: qweight (in*b/32, out), qzeros (G, out*b/32), scales (G, out) fp16, g_idx."""
+    out_f, in_f = codes.shape
+    stored_zero = zero.round().to(torch.int64)
+    if checkpoint_format == "gptq":
+        if int(stored_zero.min()) < 1:
+            raise ExportError(f"{name}: a zero-point of 0 cannot be stored in GPTQ's v1 format "
+                              "(stored as zero - 1); export with checkpoint_format='gptq_v2' or compressed-tensors")
+        stored_zero = stored_zero - 1
+    elif checkpoint_format != "gptq_v2":
+        raise ExportError(f"checkpoint_format must be 'gptq' or 'gptq_v2', got {checkpoint_format!r}")
+    yield f"{name}.qweight", pack_int32_rows(codes.T.contiguous().to(torch.int32), bits)
+    yield f"{name}.qzeros", pack_int32_cols(stored_zero.T.contiguous(), bits)
+    yield f"{name}.scales", scale.T.contiguous().to(torch.float16)
+    yield f"{name}.g_idx", (torch.arange(in_f, dtype=torch.int32) // (gs or in_f)).to(torch.int32)
+
+
+def _ct_layer(name, codes, scale, zero, bits, sym):
+    """compressed-tensors pack-quantized: unsigned codes are its signed values + 2**(bits-1)."""
+    out_f, in_f = codes.shape
+    yield f"{name}.weight_packed", pack_int32_cols(codes.to(torch.int32), bits)
+    yield f"{name}.weight_scale", scale.float().contiguous()
+    yield f"{name}.weight_shape", torch.tensor([out_f, in_f], dtype=torch.int64)
+    if not sym:
+        yield f"{name}.weight_zero_point", pack_int32_rows(zero.round().to(torch.int32), bits)
+
+
+def _ct_config(bits, gs, sym, adapter) -> dict:
+    targets = sorted({n.rsplit(".", 1)[-1] for n in adapter.linear_names()})
+    return {
+        "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+        "config_groups": {"group_0": {
+            "targets": [f"re:.*\\.{t}$" for t in targets],
+            "weights": {"num_bits": bits, "type": "int", "symmetric": sym,
+                        "strategy": "group" if gs else "channel", "group_size": gs, "dynamic": False,
+                        "actorder": None, "observer": "minmax"},
+            "input_activations": None, "output_activations": None, "format": "pack-quantized"}},
+        "ignore": ["lm_head"], "kv_cache_scheme": None,
+    }
+
+
+def export_choice(run_dir: str | Path, choice: str) -> list[str]:
+    """``--export`` choice -> ``RUN_DIR/<choice>/`` (``gptq``: v1 zero-points, ``gptq_v2``: as stored)."""
+    fmt, ckpt = ("gptq", choice) if choice in ("gptq", "gptq_v2") else (choice, "gptq")
+    return export_run(run_dir, fmt, Path(run_dir) / choice, checkpoint_format=ckpt)
