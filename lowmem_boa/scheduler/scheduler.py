@@ -82,11 +82,6 @@ class Scheduler:
                 self._drop(n)
             self.ledger.release(tag)
 
-    def tie_output_embeddings(self) -> None:
-        """Re-tie ``lm_head`` to the input embedding after both were materialised (tied models)."""
-        if getattr(self.model.config, "tie_word_embeddings", False):
-            self.model.get_output_embeddings().weight = self.model.get_input_embeddings().weight
-
     def host_state(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
         """A module's parameters copied to the host (to save a finished block)."""
         return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
@@ -104,10 +99,10 @@ class Scheduler:
     def store(self, slot: ActivationSlot, i0: int, i1: int, value: torch.Tensor) -> None:
         slot.put(i0, i1, value.to("cpu"))
 
-    def to_device(self, t: torch.Tensor, tag: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        nbytes = t.numel() * (torch.empty((), dtype=dtype).element_size() if dtype else t.element_size())
-        self.ledger.reserve(tag, nbytes)
-        return t.to(self.device, dtype=dtype) if dtype else t.to(self.device)
+    def to_device(self, t: torch.Tensor, tag: str) -> torch.Tensor:
+        """Move ``t`` to the compute device, accounted under ``tag`` until :meth:`free`."""
+        self.ledger.reserve(tag, tensor_bytes(t))
+        return t.to(self.device)
 
     def to_host(self, t: torch.Tensor) -> torch.Tensor:
         return t.to("cpu")
