@@ -74,13 +74,14 @@ def main(argv=None):
     tok = AutoTokenizer.from_pretrained(mdir)
     calib = calibration_windows(tok, load_source("wikitext2", "train", data), args.nsamples, args.seqlen, 0)
     held = eval_windows(tok, load_source("wikitext2", "valid", data), args.seqlen, args.held)
-    Xc, kw = block_inputs(model, adapter, calib)
-    Xh, _ = block_inputs(model, adapter, held)
+    Xc_blocks, kw = block_inputs(model, adapter, calib)
+    Xh_blocks, _ = block_inputs(model, adapter, held)
     rows = []
     torch.set_grad_enabled(False)
     for b in range(adapter.n_blocks):
         block = model.get_submodule(adapter.block_name(b))
         k = kw[b]
+        Xc, Xh = Xc_blocks[b], Xh_blocks[b]
         # statistics as the pipeline computes them (means over tokens)
         H = torch.zeros(h.hidden_size, h.hidden_size)
         Gk = torch.zeros(h.n_kv_heads, h.head_dim, h.head_dim)
@@ -126,7 +127,8 @@ def main(argv=None):
                 out[f"{method}_layer_obj"] = float(layer_loss(W, res.Q, H))
             rows.append(out)
             print(json.dumps(out), flush=True)
-    print("\n| block | proj | held-out attn error GPTQ | BoA | BoA/GPTQ | Kronecker objective GPTQ | BoA | layer objective GPTQ | BoA |")
+    print("\n| block | proj | held-out attn error GPTQ | BoA | BoA/GPTQ | Kronecker objective GPTQ | BoA "
+          "| layer objective GPTQ | BoA |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['block']} | {r['proj']} | {r['gptq_attn_err']:.5f} | {r['boa_attn_err']:.5f} | "

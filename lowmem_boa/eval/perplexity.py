@@ -38,7 +38,8 @@ def streaming_nll(model_dir: str | Path, windows: torch.Tensor, device: torch.de
         for i in range(adapter.n_blocks):
             if progress is not None:
                 progress(i, adapter.n_blocks)
-            with ledger.phase(PHASE_PROPAGATE), sch.workspace("workspace: forward", workspace_bytes(plan.phase(PHASE_PROPAGATE))), \
+            forward_ws = workspace_bytes(plan.phase(PHASE_PROPAGATE))
+            with ledger.phase(PHASE_PROPAGATE), sch.workspace("workspace: forward", forward_ws), \
                     sch.resident([adapter.block_name(i)], f"block {i}") as (blk,):
                 for i0, i1, x in sch.chunks(store.inputs, plan.chunk):
                     sch.store(store.outputs, i0, i1, block_forward(blk, x, kwargs))
