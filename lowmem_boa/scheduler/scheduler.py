@@ -100,9 +100,13 @@ class Scheduler:
         slot.put(i0, i1, value.to("cpu"))
 
     def to_device(self, t: torch.Tensor, tag: str) -> torch.Tensor:
-        """Move ``t`` to the compute device, accounted under ``tag`` until :meth:`free`."""
+        """A copy of ``t`` on the compute device, accounted under ``tag`` until :meth:`free`.
+
+        Always a copy, also when the device is the CPU: callers may modify it in place (the
+        solvers damp their Hessians in place) and must get the same result on every device.
+        """
         self.ledger.reserve(tag, tensor_bytes(t))
-        return t.to(self.device)
+        return t.to(self.device, copy=True)
 
     def to_host(self, t: torch.Tensor) -> torch.Tensor:
         return t.to("cpu")
