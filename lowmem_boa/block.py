@@ -85,6 +85,12 @@ class BlockQuantizer:
         self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + time.perf_counter() - t0
         return H
 
+    def _orders(self, boa: bool, search: bool) -> list:
+        """(act_order_col, act_order_row) combinations to try: the configured one, or all of them."""
+        if not search:
+            return [(self.qc.act_order_col, self.qc.act_order_row)]
+        return [(False, False), (True, False), (False, True), (True, True)] if boa else [(False, False), (True, False)]
+
     @staticmethod
     def adapter_in_features(block, layer: str) -> int:
         return block.get_submodule(layer).in_features
@@ -155,6 +161,8 @@ class BlockQuantizer:
 
         The Hessians are handed to the solver, which damps them in place; the relative errors
         in the report are measured with those damped Hessians (no extra copy on the device).
+        With ``--search-orders`` the solver damps a copy instead, every act-order combination is
+        solved, and the one with the lowest undamped objective is kept (``info["orders"]``).
         """
         t0 = time.perf_counter()
         qc = self.qc
@@ -162,7 +170,9 @@ class BlockQuantizer:
         W = lin.weight.data
         r, c = W.shape
         nh_col = 1 if H_col is None or H_col.dim() == 2 else H_col.shape[0]
-        ws = solver_workspace(r, c, nh_col, W.element_size())
+        search = qc.search_orders and qc.method != "rtn"
+        ws = solver_workspace(r, c, nh_col, W.element_size(), search,
+                              H_row.numel() * 4 if H_row is not None else 0)
         ws.pop("H_col (handed over)")
         common = dict(sym=qc.sym, grid=qc.qparam, group_size=qc.group_size, percdamp=qc.percdamp)
         report = LayerReport(name=name, rows=r, cols=c, seconds=0.0)
@@ -172,23 +182,37 @@ class BlockQuantizer:
             if H_col is not None:
                 H_dev = self.sch.to_device(H_col, f"H_col {name}")
                 tags.append(f"H_col {name}")
-            if qc.method == "rtn":
-                res = rtn_quantize(W, qc.wbits, H_col=H_dev, **common)
-            elif H_row is not None:
+            if H_row is not None:
                 Hr_dev = self.sch.to_device(H_row, f"H_row {name}")
                 tags.append(f"H_row {name}")
-                res = boa_quantize(W, H_dev, Hr_dev, n_heads, qc.wbits, act_order_col=qc.act_order_col,
-                                   act_order_row=qc.act_order_row, block_size=qc.block_size,
-                                   overwrite_hessians=True, **common)
-                f32 = torch.float32  # diagnostics only: float32 keeps them cheap on GPUs
-                report.rel_attention_error = _rel(attention_loss(W, res.Q, H_dev, Hr_dev, f32),
-                                                  attention_loss(W, torch.zeros_like(W), H_dev, Hr_dev, f32))
+            f32 = torch.float32  # objectives in float32: cheap on GPUs, and only compared or reported
+            if qc.method == "rtn":
+                res = rtn_quantize(W, qc.wbits, H_col=H_dev, **common)
             else:
-                res = gptq_quantize(W, H_dev, qc.wbits, act_order=qc.act_order_col, block_size=qc.block_size,
-                                    overwrite_hessians=True, **common)
+                best, losses = None, {}
+                for col, row in self._orders(H_row is not None, search):
+                    if H_row is not None:
+                        res = boa_quantize(W, H_dev, Hr_dev, n_heads, qc.wbits, act_order_col=col, act_order_row=row,
+                                           block_size=qc.block_size, overwrite_hessians=not search, **common)
+                        loss = float(attention_loss(W, res.Q, H_dev, Hr_dev, f32))
+                    else:
+                        res = gptq_quantize(W, H_dev, qc.wbits, act_order=col, block_size=qc.block_size,
+                                            overwrite_hessians=not search, **common)
+                        loss = float(layer_loss(W, res.Q, H_dev, f32))
+                    tag = ("col" if col else "") + ("+" if col and row else "") + ("row" if row else "") or "none"
+                    losses[tag] = loss
+                    if best is None or loss < best[1]:
+                        best = (res, loss, tag)
+                    del res
+                res = best[0]
+                if search:
+                    res.info["orders"] = best[2]
+                    res.info["order_losses"] = losses
+                if H_row is not None:
+                    report.rel_attention_error = _rel(best[1], attention_loss(W, torch.zeros_like(W), H_dev, Hr_dev,
+                                                                              f32))
             if H_dev is not None:
-                report.rel_error = _rel(layer_loss(W, res.Q, H_dev, torch.float32),
-                                        layer_loss(W, torch.zeros_like(W), H_dev, torch.float32))
+                report.rel_error = _rel(layer_loss(W, res.Q, H_dev, f32), layer_loss(W, torch.zeros_like(W), H_dev, f32))
             del H_dev, Hr_dev
             for tag in tags:
                 self.sch.free(tag)
@@ -216,25 +240,36 @@ class BlockQuantizer:
                 H = self._column_hessian(block, store, name, phases[name]) if qc.qparam == "hessian" else None
                 record(name, self.solve(block, name, H))
         else:
+            # true-sequential: each group's statistics come from the block with the layers
+            # before it already quantized; otherwise all of them come from one pass over the
+            # full-precision block (the official BoA code's order)
+            later = {a.o_proj: PHASE_OUT, a.mlp_in[0]: PHASE_MLP_IN, a.mlp_out: PHASE_MLP_OUT}
             H_qkv, rows = self.attention_statistics(block, store)
+            H_v = self.block_v_statistics(block, store) if qc.method == "boa" and qc.block_v else H_qkv
+            early = {} if qc.true_sequential else {
+                name: self._column_hessian(block, store, name, phase) for name, phase in later.items()}
+
+            def col_hessian(name):
+                return early.pop(name) if name in early else self._column_hessian(block, store, name, later[name])
+
             if qc.method == "boa":
                 H_row_q, H_row_k = rows
-                H_v = self.block_v_statistics(block, store) if qc.block_v else H_qkv
-                W_o = block.get_submodule(a.o_proj).weight.data
-                H_row_v = self.sch.to_host(wout_row_hessian(W_o, h.n_heads, h.n_kv_heads, h.head_dim))
+                if qc.v_row_hessian:
+                    W_o = block.get_submodule(a.o_proj).weight.data
+                    H_row_v = self.sch.to_host(wout_row_hessian(W_o, h.n_heads, h.n_kv_heads, h.head_dim))
+                else:   # identity: V per head with GPTQ on its own H_col (the official code's V)
+                    H_row_v = torch.eye(h.head_dim).expand(h.n_kv_heads, -1, -1).contiguous()
                 record(a.q_proj, self.solve(block, a.q_proj, H_qkv, H_row_q, h.n_heads))
                 record(a.k_proj, self.solve(block, a.k_proj, H_qkv, H_row_k, h.n_kv_heads))
                 record(a.v_proj, self.solve(block, a.v_proj, H_v, H_row_v, h.n_kv_heads))
             else:
                 for name in (a.q_proj, a.k_proj, a.v_proj):
                     record(name, self.solve(block, name, H_qkv))
-            H_o = self._column_hessian(block, store, a.o_proj, PHASE_OUT)
-            record(a.o_proj, self.solve(block, a.o_proj, H_o))
-            H_in = self._column_hessian(block, store, a.mlp_in[0], PHASE_MLP_IN)
+            record(a.o_proj, self.solve(block, a.o_proj, col_hessian(a.o_proj)))
+            H_in = col_hessian(a.mlp_in[0])
             for name in a.mlp_in:
                 record(name, self.solve(block, name, H_in))
-            H_out = self._column_hessian(block, store, a.mlp_out, PHASE_MLP_OUT)
-            record(a.mlp_out, self.solve(block, a.mlp_out, H_out))
+            record(a.mlp_out, self.solve(block, a.mlp_out, col_hessian(a.mlp_out)))
         return BlockOutcome(weights=self.sch.host_state(block), quant=quant, layers=reports,
                             seconds=time.perf_counter() - t0, phase_seconds=dict(self.phase_seconds))
 

@@ -17,6 +17,16 @@ CALIB_SETS = ("wikitext2", "ptb", "c4")
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 
 
+CALIB_TOKENS = 128 * 2048   # the paper's calibration: 128 windows of 2048 tokens
+MIN_NSAMPLES = 128
+
+
+def default_nsamples(seqlen: int) -> int:
+    """Calibration windows when ``--nsamples`` is not given: 128, or as many as keep the paper's
+    128 x 2048 tokens when the windows are shorter (a model with 512 positions gets 512 x 512)."""
+    return max(MIN_NSAMPLES, -(-CALIB_TOKENS // seqlen))
+
+
 @dataclass
 class QuantConfig:
     model: str
@@ -28,11 +38,14 @@ class QuantConfig:
     block_v: bool = True
     act_order_col: bool = False
     act_order_row: bool = False
+    search_orders: bool = False
+    true_sequential: bool = False   # one pass over the fp block (measured better, docs/results.md)
+    v_row_hessian: bool = True
     percdamp: float = 0.01
     block_size: int = 128
     calib: str = "wikitext2"
     calib_file: str | None = None
-    nsamples: int = 128
+    nsamples: int | None = None     # None: default_nsamples(seqlen), resolved by the pipeline
     seqlen: int = 2048
     seed: int = 0
     dtype: str = "auto"
@@ -50,7 +63,7 @@ class QuantConfig:
         if self.calib_file is None and self.calib not in CALIB_SETS:
             raise ValueError(f"--calib must be one of {', '.join(CALIB_SETS)} (or use --calib-file), "
                              f"got {self.calib!r}")
-        if self.nsamples < 1:
+        if self.nsamples is not None and self.nsamples < 1:
             raise ValueError(f"--nsamples must be at least 1, got {self.nsamples}")
         if self.seqlen < 2:
             raise ValueError(f"--seqlen must be at least 2, got {self.seqlen}")

@@ -25,7 +25,7 @@ import torch
 from . import __version__
 from .block import BlockQuantizer
 from .checkpoint import RunState, atomic_write_bytes, export_fake_quant
-from .config import QuantConfig, RunOptions
+from .config import QuantConfig, RunOptions, default_nsamples
 from .data import calibration_windows, file_source, load_source, local_files
 from .forward import first_block_inputs
 from .models import get_adapter
@@ -110,6 +110,11 @@ def prepare_run(qc: QuantConfig, ro: RunOptions, console: Console | None = None)
     if qc.seqlen > adapter.max_positions:
         notes.append(f"--seqlen {qc.seqlen} capped to the model's {adapter.max_positions} positions")
         qc.seqlen = adapter.max_positions
+    if qc.nsamples is None:
+        qc.nsamples = default_nsamples(qc.seqlen)
+        if qc.uses_calibration:
+            notes.append(f"calibration: {qc.nsamples} windows of {qc.seqlen} tokens ({qc.nsamples * qc.seqlen:,} "
+                         "tokens: the default keeps at least the paper's 128 x 2048; --nsamples N to change)")
     if qc.uses_calibration and not plan_only:
         if qc.calib_file:
             if not Path(qc.calib_file).is_file():
@@ -127,7 +132,8 @@ def prepare_run(qc: QuantConfig, ro: RunOptions, console: Console | None = None)
     budget, cpu_budget = default_budgets(device, ro)
     inputs = PlanInputs(method=qc.method, calibration=qc.uses_calibration, nsamples=qc.nsamples,
                         seqlen=qc.seqlen, dtype_bytes=torch.empty((), dtype=dtype).element_size(),
-                        block_v=qc.block_v, group_size=qc.group_size, device_type=device.type)
+                        block_v=qc.block_v, group_size=qc.group_size, device_type=device.type,
+                        true_sequential=qc.true_sequential, search_orders=qc.search_orders)
     plan = make_plan(adapter, inputs, budget, cpu_budget, ro.hessians)
     state_mode = None
     if not plan_only:

@@ -17,6 +17,7 @@ from ..config import CALIB_SETS, DTYPES, METHODS, WBITS, QuantConfig, RunOptions
 from ..solvers.validation import GRIDS
 
 PRESET_KEYS = {"device", "max_gpu_mem", "max_cpu_mem", "hessians", "nsamples", "seqlen", "block_v", "dtype",
+               "true_sequential", "v_row_hessian",
                "data_dir", "calib", "qparam", "group_size", "percdamp", "block_size"}
 
 
@@ -35,13 +36,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="BoA: per-head X A^T A X^T column Hessian for V (default on; off saves memory)")
     m.add_argument("--act-order-col", action="store_true", help="quantize columns by decreasing diag(H_col)")
     m.add_argument("--act-order-row", action="store_true", help="BoA: quantize rows by decreasing diag(H_row)")
+    m.add_argument("--search-orders", action="store_true",
+                   help="per layer, try every act-order combination (BoA: col/row, GPTQ: col) and keep the one "
+                   "with the lowest calibration objective (2-4x the solver time); overrides --act-order-*")
+    m.add_argument("--true-sequential", dest="true_sequential", action=argparse.BooleanOptionalAction,
+                   default=False, help="GPTQ/BoA: statistics of each layer group from the block with the groups "
+                   "before it already quantized; default off: every Hessian of a block from one pass over the "
+                   "full-precision block (as the official BoA code; better on stories260K, docs/results.md)")
+    m.add_argument("--v-row-hessian", dest="v_row_hessian", action=argparse.BooleanOptionalAction, default=True,
+                   help="BoA: row Hessian W_out,h^T W_out,h for V (default on); off: V per head with GPTQ")
     m.add_argument("--percdamp", type=float, default=0.01)
     m.add_argument("--block-size", type=int, default=128, help="lazy-update block of the OPTQ sweep")
     m.add_argument("--dtype", choices=DTYPES, default="auto", help="compute/export dtype (default: checkpoint's)")
     c = p.add_argument_group("calibration")
     c.add_argument("--calib", choices=CALIB_SETS, default="wikitext2")
     c.add_argument("--calib-file", help="plain text, or jsonl/json with a 'text' field")
-    c.add_argument("--nsamples", type=int, default=128)
+    c.add_argument("--nsamples", type=int, default=None,
+                   help="calibration windows (default: 128, or enough to keep 128 x 2048 tokens when --seqlen is "
+                   "shorter, e.g. 512 windows of 512)")
     c.add_argument("--seqlen", type=int, default=2048, help="capped to the model's max positions")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--data-dir", help="local corpora (wikitext2/, ptb/, c4/); default: Hugging Face hub")
@@ -90,6 +102,7 @@ def parse(argv=None):
     qc = QuantConfig(model=args.model, method=args.method, wbits=args.wbits, sym=args.sym,
                      group_size=args.group_size, qparam=args.qparam, block_v=args.block_v,
                      act_order_col=args.act_order_col, act_order_row=args.act_order_row, percdamp=args.percdamp,
+                     search_orders=args.search_orders, true_sequential=args.true_sequential, v_row_hessian=args.v_row_hessian,
                      block_size=args.block_size, calib=args.calib, calib_file=args.calib_file,
                      nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, dtype=args.dtype)
     ro = RunOptions(output=args.output, device=args.device, max_gpu_mem=args.max_gpu_mem,

@@ -108,7 +108,7 @@ def export_run(run_dir: str | Path, fmt: str, out_dir: str | Path, checkpoint_fo
         cfg = mark_config(cfg)
     elif fmt == "gptq":
         qcfg = {"quant_method": "gptq", "bits": bits, "group_size": gs or -1, "desc_act": False, "sym": sym,
-                "true_sequential": True, "checkpoint_format": checkpoint_format,
+                "true_sequential": bool(qc.get("true_sequential", True)), "checkpoint_format": checkpoint_format,
                 "meta": {"quantizer": [f"lowmem_boa:{qc['method']}"]}}
     else:
         qcfg = _ct_config(bits, gs, sym, adapter)

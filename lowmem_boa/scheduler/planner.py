@@ -54,6 +54,8 @@ class PlanInputs:
     block_v: bool = True
     group_size: int | None = None
     device_type: str = "cuda"
+    true_sequential: bool = False  # False: all of a block's Hessians are held at once
+    search_orders: bool = False    # every act-order combination per layer: extra solver copies
 
 
 @dataclass
@@ -157,15 +159,21 @@ class Dims:
                    linear_shapes=shapes)
 
 
-def solver_workspace(rows: int, cols: int, n_col_hessians: int, dtype_bytes: int) -> dict:
+def solver_workspace(rows: int, cols: int, n_col_hessians: int, dtype_bytes: int, search_orders: bool = False,
+                     row_hessian_bytes: int = 0) -> dict:
     """Device bytes of one ``gptq``/``boa`` call on a ``rows x cols`` weight (float32 solve).
 
     Hessians handed over (no copy), their ``U`` factors, Cholesky temporaries for one head,
     the float32 weight copy, the Hessian-grid search temporaries, sweep outputs and the
-    un-permuted result.
+    un-permuted result; with ``search_orders`` also the pristine Hessians the solver copies
+    (``row_hessian_bytes`` for BoA's H_row) and the best result kept across the tries.
     """
     rc = rows * cols
-    return {
+    extra = {}
+    if search_orders:
+        extra["search-orders: Hessian copies + best result"] = (n_col_hessians * cols * cols * F32
+                                                                 + row_hessian_bytes + 2 * rc * F32)
+    return {**extra,
         "H_col (handed over)": n_col_hessians * cols * cols * F32,
         "U_col": n_col_hessians * cols * cols * F32,
         "Cholesky temporaries": 3 * cols * cols * F32,
@@ -232,7 +240,8 @@ def build_phases(D: Dims, inp: PlanInputs, c: int, ca: int, g: int, hess_dev: bo
     worst = {}
     for name, (r, cc) in D.linear_shapes.items():
         nh = D.Hkv if (inp.method == "boa" and inp.block_v and name.endswith("v_proj")) else 1
-        ws = solver_workspace(r, cc, nh, b)
+        ws = solver_workspace(r, cc, nh, b, inp.search_orders and inp.method != "rtn",
+                              D.H * D.dh * D.dh * F32 if inp.method == "boa" else 0)
         if sum(ws.values()) > sum(worst.values() or [0]):
             worst, worst_name = ws, name
     row_h = D.H * D.dh * D.dh * F32 if inp.method == "boa" else 0
@@ -302,15 +311,16 @@ def make_plan(adapter: ModelAdapter, inp: PlanInputs, budget: int, cpu_budget: i
                 break
     phases = build_phases(D, inp, c, ca, g, hess_dev)
 
-    # host memory: activations (in + out), the largest set of Hessians kept on the host,
-    # one block staged on its way to the device, calibration ids
+    # host memory: activations (in + out), the largest set of Hessians kept on the host (all of
+    # them without true-sequential statistics), one block staged on its way to the device,
+    # calibration ids
     L, b = inp.seqlen, inp.dtype_bytes
     acts = 2 * N * L * D.d * b if inp.calibration else 0
     hess_host = 0
     if inp.calibration:
         sets = [D.d * D.d + (D.Hkv * D.d * D.d if inp.method == "boa" and inp.block_v else 0),
                 (D.H * D.dh) ** 2, D.d * D.d, D.I * D.I]
-        hess_host = max(sets) * F32
+        hess_host = (max(sets) if inp.true_sequential or inp.method == "rtn" else sum(sets)) * F32
     cpu_terms = {"activations (in + out)": acts, "Hessians on host": hess_host,
                  "block staging": D.block_params * b * 2, "calibration ids": N * L * 8, "runtime": CPU_FIXED}
     on_disk = False
