@@ -25,7 +25,7 @@ import torch
 from . import __version__
 from .block import BlockQuantizer
 from .checkpoint import RunState, atomic_write_bytes, export_fake_quant
-from .config import QuantConfig, RunOptions, default_nsamples
+from .config import DEFAULT_NSAMPLES, QuantConfig, RunOptions
 from .data import calibration_windows, file_source, load_source, local_files
 from .forward import first_block_inputs
 from .models import get_adapter
@@ -111,10 +111,11 @@ def prepare_run(qc: QuantConfig, ro: RunOptions, console: Console | None = None)
         notes.append(f"--seqlen {qc.seqlen} capped to the model's {adapter.max_positions} positions")
         qc.seqlen = adapter.max_positions
     if qc.nsamples is None:
-        qc.nsamples = default_nsamples(qc.seqlen)
+        qc.nsamples = DEFAULT_NSAMPLES
         if qc.uses_calibration:
-            notes.append(f"calibration: {qc.nsamples} windows of {qc.seqlen} tokens ({qc.nsamples * qc.seqlen:,} "
-                         "tokens: the default keeps at least the paper's 128 x 2048; --nsamples N to change)")
+            notes.append(f"calibration: {qc.nsamples} windows of {qc.seqlen} tokens ({qc.nsamples * qc.seqlen:,} tokens"
+                         + (f"; the paper used 128 x 2048, and more windows of {qc.seqlen} did not help in "
+                            "docs/results.md" if qc.seqlen < 2048 else "") + "; --nsamples N to change)")
     if qc.uses_calibration and not plan_only:
         if qc.calib_file:
             if not Path(qc.calib_file).is_file():

@@ -101,19 +101,16 @@ def test_one_pass_plans_every_hessian_of_a_block_on_the_host():
     assert one.cpu_terms["Hessians on host"] > seq.cpu_terms["Hessians on host"]
 
 
-def test_default_calibration_keeps_the_papers_token_count():
-    from lowmem_boa.config import default_nsamples
+def test_default_calibration_is_128_windows_and_says_so():
     from lowmem_boa.pipeline import prepare_run
     from tiny_models import SHARED
-    assert default_nsamples(2048) == 128 and default_nsamples(4096) == 128
-    assert default_nsamples(512) == 512 and default_nsamples(1000) == 263
     qc = QuantConfig(model=str(SHARED / "models" / "stories260K"), method="boa")   # seqlen 2048 -> capped to 512
     prep = prepare_run(qc, RunOptions(device="cpu", plan_only=True, progress=False))
-    assert (qc.seqlen, qc.nsamples, prep.plan.inputs.nsamples) == (512, 512, 512)
-    assert any("512 windows of 512 tokens" in n for n in prep.notes)
-    explicit = QuantConfig(model=str(SHARED / "models" / "stories260K"), method="boa", nsamples=128)
-    prepare_run(explicit, RunOptions(device="cpu", plan_only=True, progress=False))
-    assert explicit.nsamples == 128
+    assert (qc.seqlen, qc.nsamples, prep.plan.inputs.nsamples) == (512, 128, 128)
+    assert any("128 windows of 512 tokens (65,536 tokens" in n for n in prep.notes)
+    explicit = QuantConfig(model=str(SHARED / "models" / "stories260K"), method="boa", nsamples=512)
+    prep = prepare_run(explicit, RunOptions(device="cpu", plan_only=True, progress=False))
+    assert explicit.nsamples == 512 and not any("calibration:" in n for n in prep.notes)
 
 
 def test_cli_exposes_the_block_options():

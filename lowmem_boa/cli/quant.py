@@ -52,8 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib", choices=CALIB_SETS, default="wikitext2")
     c.add_argument("--calib-file", help="plain text, or jsonl/json with a 'text' field")
     c.add_argument("--nsamples", type=int, default=None,
-                   help="calibration windows (default: 128, or enough to keep 128 x 2048 tokens when --seqlen is "
-                   "shorter, e.g. 512 windows of 512)")
+                   help="calibration windows (default 128; the run prints the token count it uses)")
     c.add_argument("--seqlen", type=int, default=2048, help="capped to the model's max positions")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--data-dir", help="local corpora (wikitext2/, ptb/, c4/); default: Hugging Face hub")
