@@ -37,6 +37,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from quality import LLMC_VENV, ensure_llmc_venv  # noqa: E402  (benchmarks/ is on sys.path as the script's dir)
+
 SEQLEN = 512
 MODEL = "stories260K"
 
@@ -73,7 +75,6 @@ STUDIES = {
     "main": {"bits": [2, 3, 4], "variants": ["rtn", "gptq-minmax", "llmc-gptq", "gptq", "boa", "boa-noblockv"],
              "nsamples": [128]},
 }
-LLMC_VENV = REPO / "benchmarks" / "_work" / "venv-llmc"
 
 
 def _paths(shared: Path):
@@ -297,8 +298,8 @@ def main(argv=None):
     jobs = [{"variant": v, "bits": b, "seed": s, "nsamples": n, "shared": str(args.shared), "work": str(args.work),
              "threads": max(1, 2 // args.jobs), "attn_windows": args.attn_windows}
             for b in bits for n in nsamples for v in variants for s in seeds if (v, b, s, n) not in done]
-    if any(j["variant"] == "llmc-gptq" for j in jobs) and not (LLMC_VENV / "bin" / "python").exists():
-        raise SystemExit(f"llm-compressor runs need {LLMC_VENV} (see benchmarks/quality.py: ensure_llmc_venv)")
+    if any(j["variant"] == "llmc-gptq" for j in jobs):
+        ensure_llmc_venv()   # llm-compressor's own virtualenv, shared with quality.py
     args.work.mkdir(parents=True, exist_ok=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

@@ -199,7 +199,7 @@ class BlockQuantizer:
                         res = gptq_quantize(W, H_dev, qc.wbits, act_order=col, block_size=qc.block_size,
                                             overwrite_hessians=not search, **common)
                         loss = float(layer_loss(W, res.Q, H_dev, f32)) if search else None  # 2RC^2 flops: only if compared
-                    tag = ("col" if col else "") + ("+" if col and row else "") + ("row" if row else "") or "none"
+                    tag = "+".join(n for n, on in (("col", col), ("row", row)) if on) or "none"
                     losses[tag] = loss
                     if best is None or (loss is not None and loss < best[1]):
                         best = (res, loss, tag)
