@@ -60,10 +60,10 @@ VARIANTS = {   # method -> list of (variant name, run_quant.py flags)
 LLMC_VENV = REPO / "benchmarks" / "_work" / "venv-llmc"
 
 
-def run_measured(cmd: list[str]) -> dict:
+def run_measured(cmd: list[str], cwd: Path = REPO) -> dict:
     """Run ``cmd``; wall time and the peak RSS of the process (polled every 50 ms)."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ps, peak = psutil.Process(proc.pid), 0
     while proc.poll() is None:
         try:

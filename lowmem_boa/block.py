@@ -81,7 +81,7 @@ class BlockQuantizer:
                 xa = capture_input(block, layer, x, self.kwargs)
                 self.sch.accumulate(acc, gram(xa))
                 tokens += xa.numel() // xa.shape[-1]
-            H = self.sch.settle(f"H {layer}", acc) / tokens
+            H = self.sch.settle(f"H {layer}", acc).div_(tokens)
         self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + time.perf_counter() - t0
         return H
 
@@ -116,7 +116,7 @@ class BlockQuantizer:
                     gk, gq = attention_grams(st, h.n_rep)
                     self.sch.accumulate(acc_k, gk)
                     self.sch.accumulate(acc_q, gq)
-            H_qkv = self.sch.settle("H qkv", acc) / tokens
+            H_qkv = self.sch.settle("H qkv", acc).div_(tokens)
             rows = None
             if boa:
                 G_k = self.sch.settle("G_k", acc_k) / tokens

@@ -93,6 +93,8 @@ class RunOptions:
     progress: bool = True
     eval_ppl: bool = False          # WikiText-2 perplexity of the result, in-process
     export: list = field(default_factory=list)   # packed | gptq | gptq_v2 | compressed-tensors
+    fake_quant: bool = True         # write the fake-quantized HF checkpoint into --output
+    state_dir: str | None = None    # resumable run state (default OUTPUT/quant_state)
 
     def as_dict(self) -> dict:
         return asdict(self)

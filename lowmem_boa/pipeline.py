@@ -15,6 +15,7 @@ too-small budgets fail here, before any work). ``quantize_model`` then runs:
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ from .forward import first_block_inputs
 from .models import get_adapter
 from .scheduler import (ActivationStore, CheckpointReader, Ledger, PlanInputs, Scheduler, build_skeleton,
                         fmt_bytes, load_config, make_plan, parse_size, resolve_model_dir)
-from .scheduler.planner import PHASE_PROPAGATE, Plan
+from .scheduler.planner import CPU_CHUNK_TOKENS, PHASE_PROPAGATE, Plan, PlanError
 from .ui import Console
 
 
@@ -47,6 +48,7 @@ class PreparedRun:
     plan: Plan
     state_mode: str | None = None
     notes: list = field(default_factory=list)
+    source: object = None          # calibration text (read before any work)
 
 
 def resolve_device(name: str, require_available: bool = True) -> torch.device:
@@ -116,6 +118,7 @@ def prepare_run(qc: QuantConfig, ro: RunOptions, console: Console | None = None)
             notes.append(f"calibration: {qc.nsamples} windows of {qc.seqlen} tokens ({qc.nsamples * qc.seqlen:,} tokens"
                          + (f"; the paper used 128 x 2048, and more windows of {qc.seqlen} did not help in "
                             "docs/results.md" if qc.seqlen < 2048 else "") + "; --nsamples N to change)")
+    source = None
     if qc.uses_calibration and not plan_only:
         if qc.calib_file:
             if not Path(qc.calib_file).is_file():
@@ -126,6 +129,9 @@ def prepare_run(qc: QuantConfig, ro: RunOptions, console: Console | None = None)
     bad = [f for f in ro.export if f not in EXPORT_CHOICES]
     if bad:
         raise ValueError(f"--export: unknown format(s) {', '.join(bad)}; choose from {', '.join(EXPORT_CHOICES)}")
+    if not ro.fake_quant and not ro.export:
+        ro.export = ["packed"]
+        notes.append("--no-fake-quant: writing the packed checkpoint (OUTPUT/packed) as the final form")
     if ro.hessians not in ("auto", "cpu", "device"):
         raise ValueError(f"--hessians must be auto, cpu or device, got {ro.hessians!r}")
     device = resolve_device(ro.device, require_available=not plan_only)
@@ -134,15 +140,60 @@ def prepare_run(qc: QuantConfig, ro: RunOptions, console: Console | None = None)
     inputs = PlanInputs(method=qc.method, calibration=qc.uses_calibration, nsamples=qc.nsamples,
                         seqlen=qc.seqlen, dtype_bytes=torch.empty((), dtype=dtype).element_size(),
                         block_v=qc.block_v, group_size=qc.group_size, device_type=device.type,
-                        true_sequential=qc.true_sequential, search_orders=qc.search_orders)
+                        true_sequential=qc.true_sequential, search_orders=qc.search_orders,
+                        qparam=qc.qparam,
+                        max_chunk_tokens=CPU_CHUNK_TOKENS if device.type == "cpu" and not ro.max_gpu_mem else None,
+                        wbits=qc.wbits, fake_quant=ro.fake_quant, exports=tuple(ro.export))
     plan = make_plan(adapter, inputs, budget, cpu_budget, ro.hessians)
     state_mode = None
     if not plan_only:
         if not ro.output:
             raise ValueError("--output is required (where the quantized model is written)")
-        state_mode = RunState.check_output(Path(ro.output), _state_config(qc, model_dir), ro.overwrite)
+        state_mode = RunState.check_output(Path(ro.output), _state_config(qc, model_dir), ro.overwrite,
+                                           ro.state_dir)
+        check_disk(plan, Path(ro.output), RunState(Path(ro.output), ro.state_dir).dir, state_mode)
+        if qc.uses_calibration:   # read (or downloaded) now: a missing corpus fails before any work
+            source = file_source(qc.calib_file) if qc.calib_file else load_source(qc.calib, "train", ro.data_dir)
     return PreparedRun(qc=qc, ro=ro, config=config, adapter=adapter, model_dir=model_dir, device=device,
-                       dtype=dtype, plan=plan, state_mode=state_mode, notes=notes)
+                       dtype=dtype, plan=plan, state_mode=state_mode, notes=notes, source=source)
+
+
+def _existing(path: Path) -> Path:
+    path = path.resolve()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def _bytes_under(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+
+
+def check_disk(plan: Plan, output: Path, state_dir: Path, mode: str) -> None:
+    """Refuse before any work when the disk(s) of ``output`` and the state directory cannot hold
+    the plan's disk peak (what a resumed run already wrote counts as present)."""
+    from .scheduler.planner import DISK_ACTS, DISK_STATE
+    terms = plan.disk_terms
+    present = _bytes_under(state_dir) if mode == "resume" else 0
+    at_state = terms[DISK_STATE] + terms[DISK_ACTS]
+    at_output = sum(v for k, v in terms.items() if k not in (DISK_STATE, DISK_ACTS))   # the outputs
+    dev_out, dev_state = _existing(output), _existing(state_dir)
+    same = dev_out.stat().st_dev == dev_state.stat().st_dev
+    needs = [(dev_out, plan.disk_peak - present)] if same else \
+        [(dev_state, at_state - present), (dev_out, at_output)]
+    for where, need in needs:
+        free = shutil.disk_usage(where).free
+        if need > free:
+            hints = []
+            if plan.inputs.fake_quant:
+                hints.append(f"--no-fake-quant (saves {fmt_bytes(terms['fake-quantized checkpoint'])}; writes the "
+                             "packed checkpoint instead)")
+            if terms[DISK_ACTS]:
+                hints.append(f"a larger --max-cpu-mem keeps the activations ({fmt_bytes(terms[DISK_ACTS])}) in RAM")
+            hints.append("--state-dir on another disk")
+            raise PlanError(f"not enough disk space at {where}: the run needs {fmt_bytes(need)} there at its peak "
+                            f"({', '.join(f'{k} {fmt_bytes(v)}' for k, v in terms.items() if v)}), "
+                            f"{fmt_bytes(free)} are free. Options: {'; '.join(hints)}")
 
 
 def _state_config(qc: QuantConfig, model_dir: Path | None) -> dict:
@@ -156,15 +207,6 @@ def _state_config(qc: QuantConfig, model_dir: Path | None) -> dict:
         d["calib_file"] = [str(p.resolve()), p.stat().st_size, int(p.stat().st_mtime)]
     d["lowmem_boa"] = __version__
     return d
-
-
-def _block_tensors(outcome_weights: dict, quant: dict) -> dict:
-    tensors = dict(outcome_weights)
-    for name, (codes, scale, zero) in quant.items():
-        tensors[f"{name}.qcodes"] = codes
-        tensors[f"{name}.qscale"] = scale
-        tensors[f"{name}.qzero"] = zero
-    return tensors
 
 
 def quantize_model(qc: QuantConfig, ro: RunOptions, console: Console | None = None) -> dict:
@@ -183,7 +225,7 @@ def _run(prep: PreparedRun, console: Console) -> dict:
     qc, ro, adapter, plan = prep.qc, prep.ro, prep.adapter, prep.plan
     t_start = time.perf_counter()
     output = Path(ro.output)
-    state = RunState(output)
+    state = RunState(output, ro.state_dir)
     execution = {"device": str(prep.device), "dtype": str(prep.dtype), "chunk": plan.chunk,
                  "attn_chunk": plan.attn_chunk, "attn_heads": plan.attn_heads,
                  "hessians_on_device": plan.hessians_on_device, "budget": plan.budget}
@@ -209,8 +251,7 @@ def _run(prep: PreparedRun, console: Console) -> dict:
         if qc.uses_calibration and done < n_blocks:
             from transformers import AutoTokenizer
             tokenizer = AutoTokenizer.from_pretrained(prep.model_dir)
-            source = file_source(qc.calib_file) if qc.calib_file else load_source(qc.calib, "train", ro.data_dir)
-            ids = calibration_windows(tokenizer, source, qc.nsamples, qc.seqlen, qc.seed)
+            ids = calibration_windows(tokenizer, prep.source, qc.nsamples, qc.seqlen, qc.seed, console.note)
             store = ActivationStore(qc.nsamples, qc.seqlen, adapter.heads.hidden_size, prep.dtype,
                                     work_dir=state.dir / "work", on_disk=plan.activations_on_disk)
             kwargs = first_block_inputs(sch, model, adapter, ids, store, plan.chunk, plan)
@@ -238,7 +279,7 @@ def _run(prep: PreparedRun, console: Console) -> dict:
                              "layers": layer_stats}
                     meta = {"method": qc.method, "wbits": qc.wbits, "sym": qc.sym, "group_size": qc.group_size,
                             "qparam": qc.qparam, "layers": list(outcome.quant)}
-                    state.save_block(i, _block_tensors(outcome.weights, outcome.quant), meta, stats)
+                    state.save_block(i, outcome.weights, outcome.quant, meta, stats)
                     if store is not None and i < n_blocks - 1:
                         progress.update(i, "propagating")
                         stats["phase_seconds"][PHASE_PROPAGATE] = bq.propagate(blk, store)
@@ -248,14 +289,18 @@ def _run(prep: PreparedRun, console: Console) -> dict:
         if store is not None:
             store.close()
 
-    console.note("writing the Hugging Face checkpoint")
-    files = export_fake_quant(output, prep.model_dir, prep.config, _export_tensors(model, reader, state, adapter,
-                                                                                  prep.dtype), prep.dtype)
+    if ro.fake_quant:
+        console.note("writing the Hugging Face checkpoint")
+        files = export_fake_quant(output, prep.model_dir, prep.config, _export_tensors(model, reader, state, adapter,
+                                                                                      prep.dtype), prep.dtype)
+    else:
+        files = export_fake_quant(output, prep.model_dir, prep.config, iter(()), prep.dtype, config_only=True)
     report = {
         "lowmem_boa": __version__, "config": qc.as_dict(), "options": ro.as_dict(), "notes": prep.notes,
         "execution": execution, "plan": plan.as_dict(), "memory": ledger.report(),
         "blocks": state.block_stats(), "seconds_total_this_run": time.perf_counter() - t_start,
         "resumed_from_block": done if prep.state_mode == "resume" else None, "files": files,
+        "state_dir": str(state.dir.resolve()), "source_model_dir": str(Path(prep.model_dir).resolve()),
     }
     state.mark_complete({"exported_files": files + ["quant_report.json"]})
     atomic_write_bytes(output / "quant_report.json", json.dumps(report, indent=1, default=str).encode())

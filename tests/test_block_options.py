@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
+from lowmem_boa.checkpoint import RunState
 from lowmem_boa.config import QuantConfig, RunOptions
 from lowmem_boa.pipeline import quantize_model
 from lowmem_boa.scheduler import Ledger, PlanInputs, Scheduler, make_plan
@@ -30,7 +30,7 @@ def _quant(model_dir, out, **kw):
     qc = QuantConfig(model=str(model_dir), wbits=2, nsamples=6, seqlen=48, **kw)
     ro = RunOptions(output=str(out), device="cpu", data_dir=DATA, progress=False)
     report = quantize_model(qc, ro, Console(progress=False))
-    return load_file(out / "quant_state" / "block_0000.safetensors"), report
+    return RunState(out).load_block(0, codes=True)[0], report
 
 
 def test_one_pass_statistics_do_not_depend_on_the_attention_solver(llama_dir, tmp_path):

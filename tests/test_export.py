@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lowmem_boa.checkpoint import RunState
 from lowmem_boa.config import QuantConfig, RunOptions
 from lowmem_boa.export.formats import ExportError, export_run
 from lowmem_boa.export.packed import load_packed_model
@@ -71,7 +72,7 @@ def test_gptq_layout_unpacks_to_our_codes(run, tmp_path):
     assert cfg["quant_method"] == "gptq" and cfg["bits"] == bits and cfg["group_size"] == (gs or -1)
     assert cfg["checkpoint_format"] == fmt
     st = load_file(tmp_path / "g" / "model.safetensors")
-    blk = load_file(qdir / "quant_state" / "block_0001.safetensors")
+    blk = RunState(qdir).load_block(1, codes=True)[0]
     name = "self_attn.o_proj"
     full = f"model.layers.1.{name}"
     codes = _gptq_unpack_reference(st[f"{full}.qweight"], bits).T
@@ -125,7 +126,7 @@ def test_compressed_tensors_tensors_equal_the_librarys_own_compression(run, tmp_
                               ignore=["lm_head"], format="pack-quantized")
     apply_quantization_config(model, qcfg)
     for i in range(2):
-        blk = load_file(qdir / "quant_state" / f"block_{i:04d}.safetensors")
+        blk = RunState(qdir).load_block(i, codes=True)[0]
         for name in [k[:-len(".qcodes")] for k in blk if k.endswith(".qcodes")]:
             mod = model.get_submodule(f"model.layers.{i}.{name}")
             mod.weight_scale.data.copy_(blk[f"{name}.qscale"].to(mod.weight_scale.dtype))

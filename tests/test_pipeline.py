@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lowmem_boa.checkpoint import RunState
 from lowmem_boa.config import QuantConfig, RunOptions
 from lowmem_boa.pipeline import prepare_run, quantize_model
 from lowmem_boa.scheduler import PlanError
@@ -60,7 +61,7 @@ def test_every_family_quantizes_and_loads(tiny_dirs, tmp_path, family, method):
             assert torch.equal(qs[n], fs[n]), n   # norms, biases, embeddings untouched
     assert report["memory"]["ledger_peak_bytes"] <= report["memory"]["budget_bytes"]
     # codes in the block files reproduce the exported weights exactly
-    blk = load_file(out / "quant_state" / "block_0001.safetensors")
+    blk = RunState(out).load_block(1, codes=True)[0]
     name = "self_attn.q_proj"
     codes, scale, zero = blk[f"{name}.qcodes"], blk[f"{name}.qscale"], blk[f"{name}.qzero"]
     assert torch.equal((scale * (codes.float() - zero)).to(blk[f"{name}.weight"].dtype), blk[f"{name}.weight"])

@@ -22,16 +22,17 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def export_fake_quant(output: Path, source_dir: Path, config, tensors_in_order, dtype: torch.dtype,
-                      max_shard_bytes: int = 5 * 2 ** 30) -> list[str]:
-    """The fake-quantized model: a plain checkpoint in ``dtype``; return the file names written."""
+                      max_shard_bytes: int = 5 * 2 ** 30, config_only: bool = False) -> list[str]:
+    """The fake-quantized model: a plain checkpoint in ``dtype``; return the file names written.
+    ``config_only``: just its config, generation config and tokenizer (``--no-fake-quant``)."""
     cfg = config.to_dict()
     cfg["dtype"] = str(dtype).replace("torch.", "")
     cfg.pop("torch_dtype", None)
-    return write_checkpoint(output, source_dir, cfg, tensors_in_order, max_shard_bytes)
+    return write_checkpoint(output, source_dir, cfg, tensors_in_order, max_shard_bytes, weights=not config_only)
 
 
 def write_checkpoint(output: Path, source_dir: Path, config: dict, tensors_in_order,
-                     max_shard_bytes: int = 5 * 2 ** 30) -> list[str]:
+                     max_shard_bytes: int = 5 * 2 ** 30, weights: bool = True) -> list[str]:
     """Write ``config`` and safetensors shards from ``tensors_in_order`` (``(name, tensor)``, streamed),
     copy generation config and tokenizer files from ``source_dir``; return the file names."""
     output.mkdir(parents=True, exist_ok=True)
@@ -58,7 +59,9 @@ def write_checkpoint(output: Path, source_dir: Path, config: dict, tensors_in_or
         total += nbytes
     write_current()
 
-    if len(parts) == 1:
+    if not weights:
+        written = []
+    elif len(parts) == 1:
         (output / parts[0]).replace(output / "model.safetensors")
         written = ["model.safetensors"]
     else:

@@ -1,6 +1,11 @@
 """Run state on disk, for resuming an interrupted job (even after ``kill -9``).
 
-``OUTPUT/quant_state/`` holds one safetensors file per finished block and ``manifest.json``.
+``OUTPUT/quant_state/`` (or ``--state-dir``) holds one safetensors file per finished block and
+``manifest.json``. A block file is compact: each quantized linear as its integer codes bit-packed
+at the run's bit width plus its grids (``name.qcodes_packed``, ``name.qscale``, ``name.qzero``), the
+block's other tensors (norms, biases) as they are; the fake-quantized weights are rebuilt from the
+codes when the block is loaded (the same arithmetic as the solvers: bit-identical, checked when the
+block is saved; a layer whose rebuild would differ keeps its weight in the file).
 Every file is written to a temporary name, flushed, fsync'ed and renamed into place, and the
 manifest is rewritten the same way *after* the block file landed, so after a crash the
 manifest only lists complete blocks. Each listed block carries its size and SHA-256; a file that
@@ -21,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-FORMAT = "lowmem_boa-state/1"
+FORMAT = "lowmem_boa-state/2"
+BLOCK_FORMAT = "compact/1"     # codes bit-packed, fake-quantized weights rebuilt on load
 STATE_DIR = "quant_state"
 MANIFEST = "manifest.json"
 
@@ -43,24 +49,35 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish(tmp: Path, path: Path) -> None:
+    """Give ``tmp`` the permissions a plain ``open(path, "w")`` would (0666 minus the umask, as
+    ``save_pretrained`` files get; temporary files are 0600), fsync it, rename it into place."""
+    os.chmod(tmp, 0o666 & ~_umask())
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    _publish(tmp, path)
 
 
 def atomic_save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
     from safetensors.torch import save_file
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    _publish(tmp, path)
 
 
 def sha256_file(path: Path, bufsize: int = 1 << 22) -> str:
@@ -81,24 +98,32 @@ def config_key(config: dict) -> str:
 class RunState:
     """The manifest and block files of one output directory."""
 
-    def __init__(self, output: Path):
+    def __init__(self, output: Path, state_dir: Path | None = None):
         self.output = Path(output)
-        self.dir = self.output / STATE_DIR
+        self.dir = Path(state_dir) if state_dir is not None else self.output / STATE_DIR
         self.path = self.dir / MANIFEST
         self.data: dict = {}
 
     # ----- opening ----------------------------------------------------------------------
     @staticmethod
-    def check_output(output: Path, config: dict, overwrite: bool) -> str:
+    def check_output(output: Path, config: dict, overwrite: bool, state_dir: Path | None = None) -> str:
         """Decide what to do with ``output`` before any work: 'new', 'resume' or 'overwrite'.
 
         Refuses (``StateError``) a non-empty directory that is not one of our runs, and a run
-        of a different configuration, unless ``overwrite``.
+        of a different configuration, unless ``overwrite``. ``overwrite`` always starts over
+        (also on a run of the same configuration, which is resumed without it).
         """
         output = Path(output)
         if output.exists() and not output.is_dir():
             raise StateError(f"--output {output} exists and is not a directory")
-        manifest = output / STATE_DIR / MANIFEST
+        state = Path(state_dir) if state_dir is not None else output / STATE_DIR
+        if state.exists() and not state.is_dir():
+            raise StateError(f"--state-dir {state} exists and is not a directory")
+        if state_dir is not None and state.is_dir() and any(state.iterdir()) and not (state / MANIFEST).is_file() \
+                and not overwrite:
+            raise StateError(f"--state-dir {state} is not empty and holds no lowmem_boa run state; choose an empty "
+                             "or new directory")
+        manifest = state / MANIFEST
         if manifest.is_file():
             try:
                 old = json.loads(manifest.read_text())
@@ -107,7 +132,7 @@ class RunState:
                     raise StateError(f"{manifest} is unreadable ({e}); pass --overwrite to start over") from e
                 return "overwrite"
             if old.get("key") == config_key(config):
-                return "resume"
+                return "overwrite" if overwrite else "resume"
             if not overwrite:
                 diff = sorted(k for k in set(config) | set(old.get("config", {}))
                               if config.get(k) != old.get("config", {}).get(k))
@@ -115,7 +140,7 @@ class RunState:
                                  f"{', '.join(diff) or 'format'}); pass --overwrite to replace it or "
                                  "choose another --output")
             return "overwrite"
-        if output.is_dir() and any(output.iterdir()):
+        if output.is_dir() and any(p.resolve() != state.resolve() for p in output.iterdir()):
             if not overwrite:
                 raise StateError(f"--output {output} is not empty and holds no lowmem_boa run; "
                                  "choose an empty or new directory (or pass --overwrite)")
@@ -178,8 +203,13 @@ class RunState:
             self._write()
         return k
 
-    def save_block(self, i: int, tensors: dict[str, torch.Tensor], metadata: dict, stats: dict) -> None:
+    def save_block(self, i: int, weights: dict[str, torch.Tensor], quant: dict, metadata: dict, stats: dict) -> None:
+        """Block ``i``: its state dict ``weights`` (quantized linears fake-quantized) and ``quant``
+        (layer -> codes, scale, zero), stored compactly (see the module docstring)."""
         path = self.block_path(i)
+        tensors, rebuilt = compact_block(weights, quant, metadata["wbits"], metadata.get("group_size"))
+        metadata = {**metadata, "format": BLOCK_FORMAT, "rebuilt": rebuilt,
+                    "shapes": {n: list(quant[n][0].shape) for n in quant}, "dtype": _dtype_name(weights, quant)}
         atomic_save_safetensors(path, tensors, {"lowmem_boa": json.dumps(metadata)})
         self.data["blocks"][str(i)] = {"file": path.name, "bytes": path.stat().st_size,
                                        "sha256": sha256_file(path), **stats}
@@ -189,11 +219,14 @@ class RunState:
         self.data["blocks"][str(i)].update(stats)
         self._write()
 
-    def load_block(self, i: int) -> tuple[dict[str, torch.Tensor], dict]:
+    def load_block(self, i: int, codes: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+        """The block's state dict (fake-quantized weights rebuilt from the codes); with ``codes``
+        also ``name.qcodes`` / ``name.qscale`` / ``name.qzero`` of every quantized linear."""
         from safetensors import safe_open
         with safe_open(str(self.block_path(i)), "pt") as f:
             meta = json.loads(f.metadata().get("lowmem_boa", "{}"))
-            return {k: f.get_tensor(k) for k in f.keys()}, meta
+            stored = {k: f.get_tensor(k) for k in f.keys()}
+        return expand_block(stored, meta, codes), meta
 
     def block_stats(self) -> dict:
         return self.data["blocks"]
@@ -202,3 +235,46 @@ class RunState:
         self.data["complete"] = True
         self.data.update(extra)
         self._write()
+
+
+# ----- compact block files -------------------------------------------------------------------
+def _dtype_name(weights: dict, quant: dict) -> str:
+    name = next(iter(quant))
+    return str(weights[f"{name}.weight"].dtype).replace("torch.", "")
+
+
+def compact_block(weights: dict, quant: dict, bits: int, group_size: int | None) -> tuple[dict, list]:
+    """Tensors of a compact block file, and the layers whose weights are rebuilt from codes."""
+    from ..export.packing import pack_bits
+    from ..solvers.grid import dequantize
+    tensors, rebuilt = {}, []
+    for name, (codes, scale, zero) in quant.items():
+        w = weights[f"{name}.weight"]
+        tensors[f"{name}.qcodes_packed"] = pack_bits(codes, bits)
+        tensors[f"{name}.qscale"] = scale
+        tensors[f"{name}.qzero"] = zero
+        if torch.equal(dequantize(codes, scale, zero, group_size, dtype=w.dtype), w):
+            rebuilt.append(name)
+    keep = {f"{n}.weight" for n in rebuilt}
+    tensors.update({k: v for k, v in weights.items() if k not in keep})
+    return tensors, rebuilt
+
+
+def expand_block(stored: dict, meta: dict, codes: bool = False) -> dict:
+    """The block's state dict from a block file (compact, or the older layout with weights and codes)."""
+    from ..export.packing import unpack_bits
+    from ..solvers.grid import dequantize
+    if meta.get("format") != BLOCK_FORMAT:
+        return stored if codes else {k: v for k, v in stored.items() if not k.endswith((".qcodes", ".qscale", ".qzero"))}
+    out = {k: v for k, v in stored.items() if not k.endswith((".qcodes_packed", ".qscale", ".qzero"))}
+    dtype = getattr(torch, meta["dtype"])
+    for name, (rows, cols) in meta["shapes"].items():
+        q = unpack_bits(stored[f"{name}.qcodes_packed"], meta["wbits"], cols)
+        if name in meta["rebuilt"]:
+            out[f"{name}.weight"] = dequantize(q, stored[f"{name}.qscale"], stored[f"{name}.qzero"],
+                                               meta.get("group_size"), dtype=dtype)
+        if codes:
+            out[f"{name}.qcodes"] = q
+            out[f"{name}.qscale"] = stored[f"{name}.qscale"]
+            out[f"{name}.qzero"] = stored[f"{name}.qzero"]
+    return out

@@ -64,7 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where float32 Hessian accumulators live (default: device if it fits)")
     r.add_argument("--output", help="output directory (required unless --plan-only)")
     r.add_argument("--plan-only", action="store_true", help="print the memory plan and exit (no weights needed)")
-    r.add_argument("--overwrite", action="store_true", help="replace a different run in --output")
+    r.add_argument("--overwrite", action="store_true",
+                   help="start over: replace the run in --output (without it, the same configuration resumes)")
+    r.add_argument("--state-dir", help="where the resumable run state lives (default OUTPUT/quant_state): packed "
+                   "codes of finished blocks and, when host RAM is short, the activation memmap")
+    r.add_argument("--fake-quant", dest="fake_quant", action=argparse.BooleanOptionalAction, default=True,
+                   help="write the fake-quantized checkpoint (de-quantized weights in the run dtype, loads in plain "
+                   "transformers; default on). --no-fake-quant: only --export formats (packed if none given)")
     r.add_argument("--export", default="", help="also write real low-bit checkpoints: packed, gptq, "
                    "gptq_v2, compressed-tensors (comma-separated) into OUTPUT/<format>/")
     r.add_argument("--eval-ppl", action="store_true", help="WikiText-2 test perplexity of the result")
@@ -107,7 +113,8 @@ def parse(argv=None):
     ro = RunOptions(output=args.output, device=args.device, max_gpu_mem=args.max_gpu_mem,
                     max_cpu_mem=args.max_cpu_mem, data_dir=args.data_dir, overwrite=args.overwrite,
                     plan_only=args.plan_only, hessians=args.hessians, progress=not args.no_progress,
-                    eval_ppl=args.eval_ppl, export=[f for f in args.export.split(",") if f])
+                    eval_ppl=args.eval_ppl, export=[f for f in args.export.split(",") if f],
+                    fake_quant=args.fake_quant, state_dir=args.state_dir)
     return qc, ro
 
 
@@ -119,6 +126,9 @@ def main(argv=None) -> int:
     from ..ui import Console
     qc, ro = parse(argv)
     console = Console(ro.progress)
+    if ro.eval_ppl and not ro.fake_quant and ro.export and "packed" not in ro.export:
+        console.error("--eval-ppl with --no-fake-quant evaluates the packed export: add packed to --export")
+        return 2
     import torch
     try:
         quantize_model(qc, ro, console)
@@ -133,8 +143,9 @@ def main(argv=None) -> int:
         return 1
     if ro.eval_ppl and not ro.plan_only:
         from ..eval.run import evaluate_perplexity
-        res = evaluate_perplexity(ro.output, ["wikitext2"], qc.seqlen, ro.data_dir, ro.device, ro.max_gpu_mem)
-        console.rich.print(f"WikiText-2 perplexity of {ro.output}: {res['wikitext2']['ppl']:.3f}", soft_wrap=True)
+        target = ro.output if ro.fake_quant else str(Path(ro.output) / "packed")
+        res = evaluate_perplexity(target, ["wikitext2"], qc.seqlen, ro.data_dir, ro.device, ro.max_gpu_mem)
+        console.rich.print(f"WikiText-2 perplexity of {target}: {res['wikitext2']['ppl']:.3f}", soft_wrap=True)
     return 0
 
 

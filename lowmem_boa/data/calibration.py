@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,7 +118,14 @@ def load_source(name: str, split: str, data_dir: str | Path | None = None) -> Te
     if data_dir is None:
         if name not in DATASETS:
             raise DataError(f"unknown dataset '{name}'; choose from {', '.join(DATASETS)}")
-        return _hub_source(name, split)
+        try:
+            return _hub_source(name, split)
+        except Exception as e:   # offline (ConnectionError and friends), hub errors, missing package
+            raise DataError(
+                f"cannot get the {name} {split} split from the Hugging Face hub ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:200] if str(e) else 'no message'}). Without network, pass "
+                f"--data-dir DIR (a directory with wikitext2/{{train,valid,test}}.txt, ptb/..., c4/*.jsonl) or "
+                "--calib-file FILE (plain text, or jsonl/json with a 'text' field)") from e
     files = local_files(name, split, data_dir)
     docs = [d for f in files for d in read_text_file(f)]
     return TextSource(name, split, docs, ", ".join(str(f) for f in files))
@@ -127,19 +135,78 @@ def file_source(path: str | Path) -> TextSource:
     return TextSource("file", "train", read_text_file(path), str(path))
 
 
-def tokenize_text(tokenizer, text: str) -> torch.Tensor:
-    """Token ids of one long text, as a 1-D LongTensor (no length limit, no warnings)."""
+PIECE_CHARS = 1 << 20      # characters per tokenizer call for long texts
+_CHECK_CHARS = 512         # characters either side of a piece border that are re-tokenized as one text
+
+
+def _encode(tokenizer, text: str, special: bool) -> list[int]:
     saved = getattr(tokenizer, "model_max_length", None)
     try:
         tokenizer.model_max_length = int(1e30)
-        ids = tokenizer(text, return_tensors="pt").input_ids[0]
+        return list(tokenizer(text, add_special_tokens=special)["input_ids"])
     finally:
         if saved is not None:
             tokenizer.model_max_length = saved
-    return ids
 
 
-def calibration_windows(tokenizer, source: TextSource, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+def _borders(text: str, piece_chars: int) -> list[int]:
+    """Split offsets near multiples of ``piece_chars``, each between a non-space character and a
+    blank (else any whitespace): for byte-level BPE (GPT-2's pre-tokenizer regex) every such offset
+    is a pre-token border and BPE never merges across pre-tokens; for SentencePiece conversions
+    (a word marker replaces the blank and is prepended to each text) the piece after the border
+    starts with the same marker the whole text has there."""
+    borders, pos = [], piece_chars
+    nl, ws = re.compile(r"\S(?= )"), re.compile(r"\S(?=\s)")
+    while pos < len(text) - piece_chars // 2:
+        m = nl.search(text, pos, pos + piece_chars // 2) or ws.search(text, pos, pos + piece_chars // 2)
+        if m is None:
+            pos += piece_chars // 2
+            continue
+        borders.append(m.end())
+        pos = m.end() + piece_chars
+    return borders
+
+
+def tokenize_text(tokenizer, text: str, note=None, piece_chars: int = PIECE_CHARS) -> torch.Tensor:
+    """Token ids of one long text, as a 1-D LongTensor (no length limit, no warnings).
+
+    A long text is tokenized in pieces of ~``piece_chars`` characters (a fast tokenizer's transient
+    memory for one call grows with the text: ~1.5 GiB for WikiText-2 train in one call). The pieces
+    are cut between a non-space and a whitespace character, and every border is checked before
+    the pieces are used: the ``_CHECK_CHARS`` characters either side tokenized as one text must give
+    the two sides' ids concatenated. A tokenizer that fails the check (e.g. one whose normaliser
+    prepends a word marker to every text it is given, as SentencePiece conversions do) gets the
+    whole text in one call, with ``note`` told why.
+    """
+    borders = _borders(text, piece_chars)
+    if borders:
+        for b in borders:
+            left, right = text[max(0, b - _CHECK_CHARS):b], text[b:b + _CHECK_CHARS]
+            if _encode(tokenizer, left + right, False) != _encode(tokenizer, left, False) + _encode(tokenizer, right, False):
+                if note is not None:
+                    note("tokenizing the text in one call (this tokenizer's ids change where the text would be "
+                         "cut into pieces); that call can take ~150 bytes of RAM per character for a while")
+                borders = []
+                break
+    if not borders:
+        return torch.tensor(_encode(tokenizer, text, True), dtype=torch.long)
+    cuts = [0, *borders, len(text)]
+    first_plain = _encode(tokenizer, text[:cuts[1]], False)
+    first_special = _encode(tokenizer, text[:cuts[1]], True)
+    k = next((k for k in range(len(first_special) - len(first_plain) + 1)
+              if first_special[k:k + len(first_plain)] == first_plain), None)
+    if k is None:   # special tokens interleaved with the text: cannot split
+        return torch.tensor(_encode(tokenizer, text, True), dtype=torch.long)
+    prefix, suffix = first_special[:k], first_special[k + len(first_plain):]
+    parts = [torch.tensor(prefix + first_plain, dtype=torch.long)]
+    for a, b in zip(cuts[1:-1], cuts[2:]):
+        parts.append(torch.tensor(_encode(tokenizer, text[a:b], False), dtype=torch.long))
+    parts.append(torch.tensor(suffix, dtype=torch.long))
+    return torch.cat(parts)
+
+
+def calibration_windows(tokenizer, source: TextSource, nsamples: int, seqlen: int, seed: int,
+                        note=None) -> torch.Tensor:
     """``(nsamples, seqlen)`` random token windows, GPTQ style, reproducible from ``seed``.
 
     One long text: tokenized once, windows start at random offsets. Many documents (C4,
@@ -147,7 +214,7 @@ def calibration_windows(tokenizer, source: TextSource, nsamples: int, seqlen: in
     """
     rng = random.Random(seed)
     if not source.per_document:
-        ids = tokenize_text(tokenizer, source.docs[0])
+        ids = tokenize_text(tokenizer, source.docs[0], note)
         if ids.numel() <= seqlen:
             raise DataError(f"{source.origin}: {ids.numel()} tokens, fewer than one window of {seqlen}")
         starts = [rng.randint(0, ids.numel() - seqlen - 1) for _ in range(nsamples)]
@@ -170,7 +237,7 @@ def calibration_windows(tokenizer, source: TextSource, nsamples: int, seqlen: in
 C4_EVAL_WINDOWS = 256   # GPTQ's C4 protocol: the first 256 windows of the joined validation documents
 
 
-def eval_windows(tokenizer, source: TextSource, seqlen: int, max_windows: int | None = None):
+def eval_windows(tokenizer, source: TextSource, seqlen: int, max_windows: int | None = None, note=None):
     """Non-overlapping ``seqlen`` windows of the whole split (GPTQ's perplexity protocol).
 
     One text (WikiText-2, PTB): tokenized once. Documents (C4 validation): joined with spaces as
@@ -178,7 +245,7 @@ def eval_windows(tokenizer, source: TextSource, seqlen: int, max_windows: int | 
     than a window is dropped.
     """
     text = source.docs[0] if not source.per_document else " ".join(source.docs)
-    ids = tokenize_text(tokenizer, text)
+    ids = tokenize_text(tokenizer, text, note)
     n = ids.numel() // seqlen
     if source.per_document:
         n = min(n, C4_EVAL_WINDOWS)

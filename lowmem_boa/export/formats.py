@@ -42,12 +42,12 @@ def _run_info(run_dir: Path) -> dict:
     return json.loads(report.read_text())
 
 
-def _layers(run_dir: Path, config, adapter):
+def _layers(run_dir: Path, config, adapter, state_dir: str | None = None):
     """``(full_name, kind, tensors)`` per block parameter: kind 'quant' (codes/scale/zero/bias) or 'plain'."""
-    state = RunState(run_dir)
+    state = RunState(run_dir, state_dir)
     quantized = set(adapter.linear_names())
     for i in range(adapter.n_blocks):
-        tensors, meta = state.load_block(i)
+        tensors, meta = state.load_block(i, codes=True)
         prefix = adapter.block_name(i)
         done = set()
         for name in meta["layers"]:
@@ -61,12 +61,19 @@ def _layers(run_dir: Path, config, adapter):
                 yield f"{prefix}.{k}", "plain", v
 
 
-def _non_block_tensors(run_dir: Path, adapter):
-    reader = CheckpointReader(run_dir)
+def _non_block_tensors(run_dir: Path, adapter, source_dir: str | None = None):
+    """Embeddings, final norm and head: from the run's fake-quantized checkpoint, or (``--no-fake-quant``)
+    from the source model, converted to the run dtype."""
+    has_weights = (run_dir / "model.safetensors").is_file() or (run_dir / "model.safetensors.index.json").is_file()
+    if not has_weights and source_dir is None:
+        raise ExportError(f"{run_dir} holds no weights and its report names no source model")
+    reader = CheckpointReader(run_dir if has_weights else source_dir)
+    dtype = getattr(torch, json.loads((run_dir / "config.json").read_text()).get("dtype") or "float32")
     prefix = adapter.blocks_prefix + "."
     for key in sorted(reader.keys()):
         if not key.startswith(prefix):
-            yield key, reader.get(key)
+            t = reader.get(key)
+            yield key, t.to(dtype) if t.is_floating_point() else t
 
 
 def export_run(run_dir: str | Path, fmt: str, out_dir: str | Path, checkpoint_format: str = "gptq") -> list[str]:
@@ -83,8 +90,8 @@ def export_run(run_dir: str | Path, fmt: str, out_dir: str | Path, checkpoint_fo
     modules = {}
 
     def tensors():
-        yield from _non_block_tensors(run_dir, adapter)
-        for name, kind, t in _layers(run_dir, config, adapter):
+        yield from _non_block_tensors(run_dir, adapter, info.get("source_model_dir"))
+        for name, kind, t in _layers(run_dir, config, adapter, info.get("state_dir")):
             if kind == "plain":
                 yield name, t
                 continue

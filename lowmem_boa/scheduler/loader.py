@@ -14,6 +14,9 @@ from pathlib import Path
 
 import torch
 
+from ..export.packed import MODEL_TYPE as PACKED_TYPE
+from ..export.packed import original_config, read_quant_config, unpack_layer
+
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
 
@@ -42,7 +45,7 @@ def resolve_model_dir(model: str, need_weights: bool = True) -> Path:
                                "pass a local model directory instead") from e
 
 
-PACKED_MODEL_TYPE = "lowmem_boa_packed"
+PACKED_MODEL_TYPE = PACKED_TYPE
 
 
 def _packed(model_dir: Path) -> bool:
@@ -56,7 +59,6 @@ def open_checkpoint(model_dir: str | Path):
     """A per-tensor reader for a model directory: plain checkpoints, or lowmem_boa's packed format
     (read de-quantized)."""
     if _packed(Path(model_dir)):
-        from ..export.packed import PackedReader
         return PackedReader(model_dir)
     return CheckpointReader(model_dir)
 
@@ -64,7 +66,6 @@ def open_checkpoint(model_dir: str | Path):
 def load_config(model: str):
     from transformers import AutoConfig
     if Path(model).is_dir() and _packed(Path(model)):
-        from ..export.packed import original_config
         return AutoConfig.for_model(**original_config(json.loads((Path(model) / "config.json").read_text())))
     model_dir = resolve_model_dir(model, need_weights=False) if not str(model).endswith(".json") else None
     if model_dir is None:
@@ -143,3 +144,41 @@ def build_skeleton(config, dtype: torch.dtype, attn_implementation: str = "sdpa"
     model.eval()
     model.config.use_cache = False
     return model
+
+
+class PackedReader:
+    """Per-tensor access to a packed checkpoint that returns de-quantized ``.weight`` tensors
+    (same interface as :class:`lowmem_boa.scheduler.CheckpointReader`), for streaming evaluation."""
+
+    def __init__(self, model_dir: str | Path):
+        self.dir = Path(model_dir)
+        self.inner = CheckpointReader(model_dir)
+        self.q = read_quant_config(self.dir)
+        self.modules = self.q["modules"]          # name -> [out_features, in_features]
+        raw = original_config(json.loads((self.dir / "config.json").read_text()))
+        self.dtype = getattr(torch, str(raw.get("dtype") or "float32"))
+
+    def keys(self):
+        for k in self.inner.keys():
+            if k.endswith(".qweight"):
+                yield k[: -len(".qweight")] + ".weight"
+            elif not k.endswith((".scales", ".qzeros")):
+                yield k
+
+    def resolve(self, name: str, prefix: str = "model") -> str | None:
+        if name.endswith(".weight") and name[: -len(".weight")] in self.modules:
+            return name
+        return self.inner.resolve(name, prefix)
+
+    def get(self, key: str) -> torch.Tensor:
+        base = key[: -len(".weight")] if key.endswith(".weight") else None
+        if base in self.modules:
+            t = {k: self.inner.get(f"{base}.{k}") for k in ("qweight", "scales", "qzeros")}
+            return unpack_layer(t, self.q["bits"], self.modules[base][1], self.q["group_size"], self.dtype)
+        return self.inner.get(key)
+
+    def files(self):
+        return self.inner.files()
+
+    def fingerprint(self):
+        return self.inner.fingerprint()

@@ -20,6 +20,10 @@ from .ledger import fmt_bytes
 F32 = 4
 SAFETY = 0.90          # use at most this fraction of a budget for predicted peaks
 CPU_FIXED = 1 << 30    # Python, torch, tokenizer and the model skeleton on the host
+# On a CPU device without --max-gpu-mem the budget (80 % of free RAM) is a ceiling, not a target:
+# chunks stop growing at this many tokens, where CPU matmuls are already at full speed
+# (docs/memory.md, "Lean footprint"); larger chunks only cost RAM.
+CPU_CHUNK_TOKENS = 1024
 
 
 PHASE_EMBED = "embed (first block inputs)"
@@ -56,6 +60,11 @@ class PlanInputs:
     device_type: str = "cuda"
     true_sequential: bool = False  # False: all of a block's Hessians are held at once
     search_orders: bool = False    # every act-order combination per layer: extra solver copies
+    qparam: str = "hessian"        # grid search (only changes the arithmetic count)
+    max_chunk_tokens: int | None = None   # cap on samples x seqlen per chunk (CPU default: CPU_CHUNK_TOKENS)
+    wbits: int = 2                 # for the disk plan (packed codes)
+    fake_quant: bool = True        # the fake-quantized checkpoint is written (disk plan)
+    exports: tuple = ()            # --export formats (disk plan)
 
 
 @dataclass
@@ -82,6 +91,8 @@ class Plan:
     phases: list[Phase] = field(default_factory=list)
     cpu_terms: dict = field(default_factory=dict)
     gflop_per_block: dict = field(default_factory=dict)
+    disk_terms: dict = field(default_factory=dict)   # bytes on disk by item (see disk_plan)
+    disk_peak: int = 0                               # the largest amount on disk at one time
 
     @property
     def peak(self) -> int:
@@ -106,7 +117,7 @@ class Plan:
             "predicted_peak_bytes": self.peak, "peak_phase": self.peak_phase.name,
             "phases": {p.name: {"total_bytes": p.total, "terms": p.terms, "note": p.note} for p in self.phases},
             "cpu_terms": self.cpu_terms, "cpu_total_bytes": self.cpu_total,
-            "gflop_per_block": self.gflop_per_block,
+            "gflop_per_block": self.gflop_per_block, "disk_terms": self.disk_terms, "disk_peak_bytes": self.disk_peak,
         }
 
     def render(self, title: str = "Plan"):
@@ -124,7 +135,9 @@ class Plan:
                      f"block_v chunk {self.attn_chunk} samples x {self.attn_heads} heads · Hessians on "
                      f"{'device' if self.hessians_on_device else 'CPU'} · activations "
                      f"{'on disk (memmap)' if self.activations_on_disk else 'in RAM'} · host "
-                     f"{fmt_bytes(self.cpu_total)}" + (f" of {fmt_bytes(self.cpu_budget)}" if self.cpu_budget else ""))
+                     f"{fmt_bytes(self.cpu_total)}" + (f" of {fmt_bytes(self.cpu_budget)}" if self.cpu_budget else "")
+                     + f" · disk peak {fmt_bytes(self.disk_peak)} ("
+                     + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in self.disk_terms.items() if v) + ")")
         return t
 
 
@@ -250,19 +263,36 @@ def build_phases(D: Dims, inp: PlanInputs, c: int, ca: int, g: int, hess_dev: bo
     return phases
 
 
+GRID_CANDIDATES = 160   # Hessian-grid search: candidate grids per row, each scored with one R x C x C product
+
+
 def _gflops(D: Dims, inp: PlanInputs) -> dict:
+    """Arithmetic (GFLOP) of each phase for one block, keyed by phase name.
+
+    Statistics phases count the partial block forward they run to reach their layer plus their
+    Gram products; ``solve`` counts the grid search (Hessian grid only), the OPTQ sweep (``2RC^2``)
+    and one Cholesky/inverse (``C^3``) per layer. Dense counts; causal attention is counted full.
+    """
     N, L = inp.nsamples, inp.seqlen
     tok = N * L
-    block_linear = sum(o * i for o, i in D.linear_shapes.values())
-    attn = 4 * tok * L * D.H * D.dh  # q k^T and A v
-    out = {"block forward": (2 * tok * block_linear + attn) / 1e9}
+    HO = D.H * D.dh
+    qkv = 2 * tok * D.d * (D.H + 2 * D.Hkv) * D.dh
+    attn = 4 * tok * L * D.H * D.dh                       # q k^T and A v
+    o = 2 * tok * HO * D.d
+    mlp_in = 2 * tok * D.d * D.I * D.n_mlp_in
+    block_linear = sum(r * c for r, c in D.linear_shapes.values())
+    out = {PHASE_PROPAGATE: (2 * tok * block_linear + attn) / 1e9}
     if not inp.calibration:
         return out
-    out["statistics (H_col Grams)"] = 2 * tok * (3 * D.d * D.d + (D.H * D.dh) ** 2 + D.I * D.I) / 1e9
-    if inp.method == "boa" and inp.block_v:
-        out["block_v statistics"] = (2 * tok * L * D.H * (D.dh + D.d) + 2 * tok * D.H * D.d * D.d) / 1e9
-    grid = 160 * 2  # Hessian-grid candidates x matmul
-    out["solve (Hessian grid + OPTQ)"] = sum((grid + 4) * o * i * i for o, i in D.linear_shapes.values()) / 1e9
+    boa = inp.method == "boa"
+    out[PHASE_ATTN] = (2 * tok * D.d * D.d + (2 * tok * D.d * (D.H + D.Hkv) * D.dh if boa else 0)) / 1e9
+    if boa and inp.block_v:
+        out[PHASE_BLOCK_V] = (2 * tok * L * D.H * (D.dh + D.d) + 2 * tok * D.H * D.d * D.d) / 1e9
+    out[PHASE_OUT] = (qkv + attn + 2 * tok * HO * HO) / 1e9
+    out[PHASE_MLP_IN] = (qkv + attn + o + 2 * tok * D.d * D.d) / 1e9
+    out[PHASE_MLP_OUT] = (qkv + attn + o + mlp_in + 2 * tok * D.I * D.I) / 1e9
+    grid = 2 * GRID_CANDIDATES if inp.qparam == "hessian" else 0
+    out[PHASE_SOLVE] = sum((grid + 2) * r * c * c + c ** 3 for r, c in D.linear_shapes.values()) / 1e9
     return out
 
 
@@ -294,9 +324,12 @@ def make_plan(adapter: ModelAdapter, inp: PlanInputs, budget: int, cpu_budget: i
     if hessians == "device" and not fits(1, 1, n_rep, True):
         raise PlanError("--hessians device does not fit the device budget; use --hessians cpu")
 
+    def capped(cand):
+        return inp.max_chunk_tokens is None or cand == 1 or cand * inp.seqlen <= inp.max_chunk_tokens
+
     c = 1
     for cand in sorted({N, *[2 ** k for k in range(0, N.bit_length())]}, reverse=True):
-        if cand <= N and fits(cand, 1, n_rep, hess_dev):
+        if cand <= N and capped(cand) and fits(cand, 1, n_rep, hess_dev):
             c = cand
             break
     g, ca = n_rep, 1
@@ -306,7 +339,7 @@ def make_plan(adapter: ModelAdapter, inp: PlanInputs, budget: int, cpu_budget: i
                 g = cand
                 break
         for cand in sorted({N, *[2 ** k for k in range(0, N.bit_length())]}, reverse=True):
-            if cand <= N and fits(c, cand, g, hess_dev):
+            if cand <= N and capped(cand) and fits(c, cand, g, hess_dev):
                 ca = cand
                 break
     phases = build_phases(D, inp, c, ca, g, hess_dev)
@@ -333,9 +366,44 @@ def make_plan(adapter: ModelAdapter, inp: PlanInputs, budget: int, cpu_budget: i
         raise PlanError(f"host budget {fmt_bytes(cpu_budget)} is too small even with activations on "
                         f"disk: needs {fmt_bytes(sum(cpu_terms.values()) / SAFETY)} "
                         f"({', '.join(f'{k} {fmt_bytes(v)}' for k, v in top)})")
+    disk, disk_peak = disk_plan(D, inp, on_disk)
     return Plan(inputs=inp, budget=budget, cpu_budget=cpu_budget, chunk=c, attn_chunk=ca, attn_heads=g,
                 hessians_on_device=hess_dev, activations_on_disk=on_disk, phases=phases,
-                cpu_terms=cpu_terms, gflop_per_block=_gflops(D, inp))
+                cpu_terms=cpu_terms, gflop_per_block=_gflops(D, inp), disk_terms=disk, disk_peak=disk_peak)
+
+
+DISK_STATE = "run state (packed codes + grids, all blocks)"
+DISK_ACTS = "activation memmap"
+DISK_FAKE = "fake-quantized checkpoint"
+
+
+def disk_plan(D: Dims, inp: PlanInputs, activations_on_disk: bool) -> tuple[dict, int]:
+    """Bytes on disk by item, and the peak: the run state and the activation memmap while blocks
+    are quantized (the memmap is deleted after the last block), then the state plus the outputs.
+
+    State per block: codes at ``wbits`` bits + a float32 scale and zero per row and group + the
+    block's other tensors (norms, biases) in the run dtype. Outputs: the fake-quantized checkpoint
+    (every parameter in the run dtype) and each ``--export`` format (codes packed at ``wbits`` bits,
+    grids, embeddings and head in the run dtype; the int32 layouts are within a few % of it).
+    """
+    b, bits = inp.dtype_bytes, inp.wbits
+    linear = sum(r * c for r, c in D.linear_shapes.values())
+    n_groups = {k: (1 if inp.group_size is None else -(-c // inp.group_size)) for k, (r, c) in D.linear_shapes.items()}
+    codes = sum(r * -(-c * bits // 8) for r, c in D.linear_shapes.values())      # rows bit-packed
+    other = (D.block_params - linear) * b
+    # state: float32 scale and zero per row and group; packed export: float32 scale, zero bit-packed
+    state = D.n_blocks * (codes + sum(r * n_groups[k] * 2 * F32 for k, (r, c) in D.linear_shapes.items()) + other)
+    packed_blocks = D.n_blocks * (codes + other + sum(r * (n_groups[k] * F32 + -(-n_groups[k] * bits // 8))
+                                                      for k, (r, c) in D.linear_shapes.items()))
+    acts = 2 * inp.nsamples * inp.seqlen * D.d * b if activations_on_disk and inp.calibration else 0
+    rest = D.embed_params + D.head_params + 2 * D.d              # + the final norm (weight and bias at most)
+    fake = (D.n_blocks * D.block_params + rest) * b if inp.fake_quant else 0
+    packed = packed_blocks + rest * b
+    terms = {DISK_STATE: state, DISK_ACTS: acts, DISK_FAKE: fake}
+    for fmt in inp.exports:
+        terms[f"export {fmt}"] = packed
+    outputs = fake + packed * len(inp.exports)
+    return terms, max(state + acts, state + outputs)
 
 
 PHASE_HEAD = "LM head (logits, NLL)"

@@ -140,7 +140,7 @@ class Scheduler:
         """A finished accumulator, moved to the host (freeing its device reservation)."""
         if acc.device.type != "cpu":
             acc = acc.to("cpu")
-            self.ledger.release(tag)
+        self.ledger.release(tag)   # also on a CPU device: from here it is a host-held Hessian (host plan)
         return acc
 
 
