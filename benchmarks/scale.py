@@ -248,7 +248,7 @@ def run_one(label: str, flags: list[str], blocks: int) -> dict:
 
 def kill_test(blocks: int) -> dict:
     """kill -9 halfway through block 2's statistics, rerun the same command, finish; time lost."""
-    label, flags = "boa-kill", RUNS["boa"]
+    label, flags = "boa-noblockv-kill", RUNS["boa-noblockv"]   # resume is method-independent; half the time
     out = WORK / f"scale-{label}"
     subprocess.run(["rm", "-rf", str(out)], check=True)
     full = ["--model", str(CKPT), *COMMON, *flags]
@@ -329,20 +329,21 @@ def report(data: dict) -> None:
               f" activations on disk: {run['plan']['activations_on_disk']}; largest single read "
               f"{run['largest_read']['max_bytes'] / 2 ** 20:.0f} MiB ({run['largest_read']['max_key']}), "
               f"{run['largest_read']['count']} reads, {run['largest_read']['total_bytes'] / 2 ** 30:.2f} GiB in all\n")
-        print("| block | phase | s | planned device (GiB) | ledger peak | planned device + host | RSS peak | RSS anon "
-              "peak | GFLOP | GFLOP/s |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
-        host = run["plan_host_total"]
+        print("| block | phase | s | planned device | ledger peak | planned host | planned total | RSS peak "
+              "(anonymous) | RSS / planned | GFLOP | GFLOP/s |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        terms = run["plan"]["cpu_terms"]
+        rest = run["plan_host_total"] - terms.get("Hessians on host", 0)
         for r in run["phases"]:
             if r["phase"] == "whole run":
                 continue
-            pd = r["planned_device"]
-            print(f"| {r['block'] + 1 if r['block'] >= 0 else '–'} | {r['phase']} | {r['seconds']:.1f} | {_g(pd)} | "
-                  f"{_g(r['ledger_peak'])} | {_g(pd + host) if pd is not None else '–'} | {_g(r['rss_peak'])} | "
-                  f"{_g(r['rss_anon_peak'])} | {r['gflop']:,.0f} | {r['gflop_per_s']:.1f} |" if r["gflop"] else
-                  f"| {r['block'] + 1 if r['block'] >= 0 else '–'} | {r['phase']} | {r['seconds']:.1f} | {_g(pd)} | "
-                  f"{_g(r['ledger_peak'])} | {_g(pd + host) if pd is not None else '–'} | {_g(r['rss_peak'])} | "
-                  f"{_g(r['rss_anon_peak'])} | – | – |")
+            pd = r["planned_device"] or 0
+            ph = run["plan"].get("host_by_phase", {}).get(r["phase"], rest)
+            tot = pd + ph
+            gf = f"{r['gflop']:,.0f} | {r['gflop_per_s']:.1f}" if r["gflop"] else "– | –"
+            print(f"| {r['block'] + 1 if r['block'] >= 0 else '–'} | {r['phase']} | {r['seconds']:.1f} | "
+                  f"{_g(r['planned_device'])} | {_g(r['ledger_peak'])} | {_g(ph)} | {_g(tot)} | {_g(r['rss_peak'])} "
+                  f"({_g(r['rss_anon_peak'])}) | {r['rss_peak'] / tot:.2f} | {gf} |")
     k = data.get("kill")
     if k:
         r2 = k["resume_run"]

@@ -280,6 +280,7 @@ def _run(prep: PreparedRun, console: Console) -> dict:
                     meta = {"method": qc.method, "wbits": qc.wbits, "sym": qc.sym, "group_size": qc.group_size,
                             "qparam": qc.qparam, "layers": list(outcome.quant)}
                     state.save_block(i, outcome.weights, outcome.quant, meta, stats)
+                    del outcome    # the block's host copy and codes: not kept through the next block
                     if store is not None and i < n_blocks - 1:
                         progress.update(i, "propagating")
                         stats["phase_seconds"][PHASE_PROPAGATE] = bq.propagate(blk, store)

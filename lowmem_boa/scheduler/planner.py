@@ -91,6 +91,7 @@ class Plan:
     phases: list[Phase] = field(default_factory=list)
     cpu_terms: dict = field(default_factory=dict)
     gflop_per_block: dict = field(default_factory=dict)
+    host_by_phase: dict = field(default_factory=dict)  # host bytes planned during each phase (cpu_terms' peak is the max)
     disk_terms: dict = field(default_factory=dict)   # bytes on disk by item (see disk_plan)
     disk_peak: int = 0                               # the largest amount on disk at one time
 
@@ -117,7 +118,8 @@ class Plan:
             "predicted_peak_bytes": self.peak, "peak_phase": self.peak_phase.name,
             "phases": {p.name: {"total_bytes": p.total, "terms": p.terms, "note": p.note} for p in self.phases},
             "cpu_terms": self.cpu_terms, "cpu_total_bytes": self.cpu_total,
-            "gflop_per_block": self.gflop_per_block, "disk_terms": self.disk_terms, "disk_peak_bytes": self.disk_peak,
+            "gflop_per_block": self.gflop_per_block, "host_by_phase": self.host_by_phase,
+            "disk_terms": self.disk_terms, "disk_peak_bytes": self.disk_peak,
         }
 
     def render(self, title: str = "Plan"):
@@ -349,11 +351,8 @@ def make_plan(adapter: ModelAdapter, inp: PlanInputs, budget: int, cpu_budget: i
     # calibration ids
     L, b = inp.seqlen, inp.dtype_bytes
     acts = 2 * N * L * D.d * b if inp.calibration else 0
-    hess_host = 0
-    if inp.calibration:
-        sets = [D.d * D.d + (D.Hkv * D.d * D.d if inp.method == "boa" and inp.block_v else 0),
-                (D.H * D.dh) ** 2, D.d * D.d, D.I * D.I]
-        hess_host = (max(sets) if inp.true_sequential or inp.method == "rtn" else sum(sets)) * F32
+    held = host_hessians_by_phase(D, inp)
+    hess_host = max(held.values(), default=0)
     cpu_terms = {"activations (in + out)": acts, "Hessians on host": hess_host,
                  "block staging": D.block_params * b * 2, "calibration ids": N * L * 8, "runtime": CPU_FIXED}
     on_disk = False
@@ -367,9 +366,34 @@ def make_plan(adapter: ModelAdapter, inp: PlanInputs, budget: int, cpu_budget: i
                         f"disk: needs {fmt_bytes(sum(cpu_terms.values()) / SAFETY)} "
                         f"({', '.join(f'{k} {fmt_bytes(v)}' for k, v in top)})")
     disk, disk_peak = disk_plan(D, inp, on_disk)
+    rest = sum(cpu_terms.values()) - hess_host
     return Plan(inputs=inp, budget=budget, cpu_budget=cpu_budget, chunk=c, attn_chunk=ca, attn_heads=g,
                 hessians_on_device=hess_dev, activations_on_disk=on_disk, phases=phases,
-                cpu_terms=cpu_terms, gflop_per_block=_gflops(D, inp), disk_terms=disk, disk_peak=disk_peak)
+                cpu_terms=cpu_terms, gflop_per_block=_gflops(D, inp), disk_terms=disk, disk_peak=disk_peak,
+                host_by_phase={p.name: rest + held.get(p.name, 0) for p in phases})
+
+
+def host_hessians_by_phase(D: Dims, inp: PlanInputs) -> dict:
+    """float32 Hessians held on the host during each phase of a block, in the pipeline's order.
+
+    One pass (default): every set is computed before any layer is solved and all are held through
+    the solve phase. True-sequential: q/k/v's H (and block_v's per-head H of V) stay referenced for
+    the whole block, the later sets one at a time. RTN: one layer's H at a time.
+    """
+    if not inp.calibration:
+        return {}
+    qkv = D.d * D.d * F32
+    v = D.Hkv * D.d * D.d * F32 if inp.method == "boa" and inp.block_v else 0
+    o, mlp_in, mlp_out = (D.H * D.dh) ** 2 * F32, D.d * D.d * F32, D.I * D.I * F32
+    if inp.method == "rtn":
+        big = max(qkv, o, mlp_out)
+        return {PHASE_ATTN: big, PHASE_OUT: big, PHASE_MLP_IN: big, PHASE_MLP_OUT: big, PHASE_SOLVE: big}
+    if inp.true_sequential:
+        first = qkv + v
+        return {PHASE_ATTN: qkv, PHASE_BLOCK_V: first, PHASE_OUT: first + o, PHASE_MLP_IN: first + mlp_in,
+                PHASE_MLP_OUT: first + mlp_out, PHASE_SOLVE: first + max(o, mlp_in, mlp_out)}
+    return {PHASE_ATTN: qkv, PHASE_BLOCK_V: qkv + v, PHASE_OUT: qkv + v + o, PHASE_MLP_IN: qkv + v + o + mlp_in,
+            PHASE_MLP_OUT: qkv + v + o + mlp_in + mlp_out, PHASE_SOLVE: qkv + v + o + mlp_in + mlp_out}
 
 
 DISK_STATE = "run state (packed codes + grids, all blocks)"

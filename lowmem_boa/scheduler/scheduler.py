@@ -76,6 +76,8 @@ class Scheduler:
                 sub = None if weights is None else {k[len(n) + 1:]: v for k, v in weights.items()
                                                     if k.startswith(n + ".")}
                 self._fill(n, sub)
+            if self.reader is not None and hasattr(self.reader, "close"):
+                self.reader.close()    # unmap what was read: only the placed copies stay resident
             yield [self.model.get_submodule(n) for n in module_names]
         finally:
             for n in module_names:

@@ -1,0 +1,102 @@
+"""Projection of a full Llama-2-7B BoA run to real GPUs, from this machine's measured phase efficiencies.
+
+    python benchmarks/projection.py            # reads benchmarks/results/scale.json, writes projection.json
+
+An ESTIMATE, not a measurement. Inputs:
+
+* the planner's arithmetic per phase and block (``Plan.gflop_per_block``) for Llama-2-7B, BoA, block_v,
+  128 x 2048 calibration tokens, the default Hessian grid, float16 (``configs/llama-2-7b.json``);
+* per phase, the efficiency measured on this CPU: achieved GFLOP/s in the scale benchmark's BoA run
+  (``benchmarks/scale.py``, 7B-dimension blocks) divided by the CPU's float32 matmul peak measured here
+  (a 4096^3 product, best of 5). The solve phase's efficiency comes from the Hessian-grid solver on a
+  4096 x 4096 projection (``benchmarks/results/bench_solvers.json``: the scale run used a MinMax grid);
+* assumption 1: each phase reaches the same fraction of a GPU's peak as of this CPU's: float32 peak for
+  statistics and solver (PyTorch does not use TF32 for float32 matmuls by default), float16 tensor peak
+  for the block forward (propagate);
+* assumption 2: the solvers' sequential column loop has a latency floor on a GPU: ``--step-us``
+  microseconds per column step (a few small kernel launches); GPTQ layers take ``C`` steps, BoA's
+  q/k/v ``head_dim x C`` (one OPTQ sweep per row index of all heads, docs/performance.md);
+* vendor peak numbers (dense, no sparsity): P100 PCIe 9.3 / 18.7, T4 8.1 / 65, A100 SXM 19.5 / 312,
+  H100 SXM 67 / 989 TFLOP/s (float32 / float16 tensor).
+
+Not modelled: host<->device copies, disk reads (~13.5 GB once), Python overhead, the evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+GPUS = {"P100 (16 GB)": (9.3e3, 18.7e3), "T4 (16 GB)": (8.1e3, 65e3), "A100 (80 GB SXM)": (19.5e3, 312e3),
+        "H100 (80 GB SXM)": (67e3, 989e3)}   # GFLOP/s: float32, float16 tensor
+FORWARD = "propagate (block forward)"
+SOLVE = "solve (per layer)"
+
+
+def cpu_peak() -> float:
+    a, b = torch.randn(4096, 4096), torch.randn(4096, 4096)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * 4096 ** 3 / best / 1e9
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scale", type=Path, default=REPO / "benchmarks" / "results" / "scale.json")
+    ap.add_argument("--run", default="boa")
+    ap.add_argument("--step-us", type=float, default=20.0)
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "projection.json")
+    args = ap.parse_args(argv)
+    from lowmem_boa.models import get_adapter
+    from lowmem_boa.scheduler import PlanInputs, load_config, make_plan
+    adapter = get_adapter(load_config(str(REPO / "configs" / "llama-2-7b.json")))
+    plan = make_plan(adapter, PlanInputs(method="boa", calibration=True, nsamples=128, seqlen=2048, dtype_bytes=2,
+                                         qparam="hessian"), 14 * 2 ** 30, 24 * 2 ** 30)
+    gflop = plan.gflop_per_block
+    run = json.loads(args.scale.read_text())["runs"][args.run]
+    peak = cpu_peak()
+    eff = {}
+    for r in run["phases"]:       # the last block measured of each phase (block 2 has no tokenization/first-touch)
+        if r["gflop_per_s"]:
+            eff[r["phase"]] = r["gflop_per_s"] / peak
+    bench = json.loads((REPO / "benchmarks" / "results" / "bench_solvers.json").read_text())
+    row = next(r for r in bench["rows"] if r["d"] == 4096 and r["grid"] == "hessian")
+    grid_flop = (2 * 160 + 2) * 4096 ** 3 + 4096 ** 3
+    eff[SOLVE] = grid_flop / row["boa_s"] / 1e9 / peak
+    h = adapter.heads
+    steps = sum(c * (h.head_dim if name in (adapter.q_proj, adapter.k_proj, adapter.v_proj) else 1)
+                for name, (r, c) in adapter.linear_shapes().items())
+    out = {"cpu_peak_gflops": peak, "efficiency": eff, "gflop_per_block": gflop, "sequential_steps_per_block": steps,
+           "step_us": args.step_us, "gpus": {}}
+    for gpu, (fp32, fp16) in GPUS.items():
+        per_phase = {}
+        for phase, g in gflop.items():
+            rate = (fp16 if phase == FORWARD else fp32) * eff.get(phase, min(eff.values()))
+            per_phase[phase] = g / rate
+        floor = steps * args.step_us * 1e-6
+        per_phase[SOLVE] = max(per_phase[SOLVE], 0) + floor
+        total = adapter.n_blocks * sum(per_phase.values())
+        out["gpus"][gpu] = {"seconds_per_block": per_phase, "minutes_total": total / 60}
+    args.out.write_text(json.dumps(out, indent=1))
+    print(f"CPU float32 matmul peak here: {peak:.0f} GFLOP/s; efficiencies: "
+          + ", ".join(f"{k} {v:.2f}" for k, v in eff.items()))
+    print(f"\n| GPU | " + " | ".join(gflop) + " | total, 32 blocks |")
+    print("|---|" + "---|" * (len(gflop) + 1))
+    for gpu, v in out["gpus"].items():
+        print(f"| {gpu} | " + " | ".join(f"{v['seconds_per_block'][p]:.1f} s" for p in gflop)
+              + f" | **{v['minutes_total']:.0f} min** |")
+
+
+if __name__ == "__main__":
+    main()
