@@ -338,6 +338,8 @@ def report(data: dict) -> None:
             if r["phase"] == "whole run":
                 continue
             pd = r["planned_device"] or 0
+            if r["phase"].startswith("save block"):    # inside the block's residency: its weights are placed
+                pd = r["planned_device"] = run["plan"]["phases"]["solve (per layer)"]["terms"]["block weights"]
             ph = run["plan"].get("host_by_phase", {}).get(r["phase"], rest)
             tot = pd + ph
             gf = f"{r['gflop']:,.0f} | {r['gflop_per_s']:.1f}" if r["gflop"] else "– | –"
