@@ -151,8 +151,10 @@ def prepare_run(qc: QuantConfig, ro: RunOptions, console: Console | None = None)
             raise ValueError("--output is required (where the quantized model is written)")
         state_mode = RunState.check_output(Path(ro.output), _state_config(qc, model_dir), ro.overwrite,
                                            ro.state_dir)
-        check_disk(plan, Path(ro.output), RunState(Path(ro.output), ro.state_dir).dir, state_mode)
-        if qc.uses_calibration:   # read (or downloaded) now: a missing corpus fails before any work
+        state = RunState(Path(ro.output), ro.state_dir)
+        check_disk(plan, Path(ro.output), state.dir, state_mode)
+        finished = state_mode == "resume" and json.loads(state.path.read_text()).get("complete")
+        if qc.uses_calibration and not finished:   # read (or downloaded) now: a missing corpus fails before any work
             source = file_source(qc.calib_file) if qc.calib_file else load_source(qc.calib, "train", ro.data_dir)
     return PreparedRun(qc=qc, ro=ro, config=config, adapter=adapter, model_dir=model_dir, device=device,
                        dtype=dtype, plan=plan, state_mode=state_mode, notes=notes, source=source)
@@ -165,6 +167,10 @@ def _existing(path: Path) -> Path:
     return path
 
 
+def _inside(path: Path, parent: Path) -> bool:
+    return path.resolve().is_relative_to(parent.resolve())
+
+
 def _bytes_under(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
 
@@ -174,7 +180,9 @@ def check_disk(plan: Plan, output: Path, state_dir: Path, mode: str) -> None:
     the plan's disk peak (what a resumed run already wrote counts as present)."""
     from .scheduler.planner import DISK_ACTS, DISK_STATE
     terms = plan.disk_terms
-    present = _bytes_under(state_dir) if mode == "resume" else 0
+    # a resumed run's state and outputs are rewritten in place (a finished run rerun with --export)
+    present = (_bytes_under(output) + (0 if _inside(state_dir, output) else _bytes_under(state_dir))
+               if mode == "resume" else 0)
     at_state = terms[DISK_STATE] + terms[DISK_ACTS]
     at_output = sum(v for k, v in terms.items() if k not in (DISK_STATE, DISK_ACTS))   # the outputs
     dev_out, dev_state = _existing(output), _existing(state_dir)
@@ -251,7 +259,9 @@ def _run(prep: PreparedRun, console: Console) -> dict:
         if qc.uses_calibration and done < n_blocks:
             from transformers import AutoTokenizer
             tokenizer = AutoTokenizer.from_pretrained(prep.model_dir)
-            ids = calibration_windows(tokenizer, prep.source, qc.nsamples, qc.seqlen, qc.seed, console.note)
+            source = prep.source or (file_source(qc.calib_file) if qc.calib_file     # a "finished" run whose
+                                     else load_source(qc.calib, "train", ro.data_dir))  # block files failed checks
+            ids = calibration_windows(tokenizer, source, qc.nsamples, qc.seqlen, qc.seed, console.note)
             store = ActivationStore(qc.nsamples, qc.seqlen, adapter.heads.hidden_size, prep.dtype,
                                     work_dir=state.dir / "work", on_disk=plan.activations_on_disk)
             kwargs = first_block_inputs(sch, model, adapter, ids, store, plan.chunk, plan)

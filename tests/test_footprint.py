@@ -203,3 +203,18 @@ def test_settled_accumulator_leaves_the_ledger_on_cpu():
         assert ledger.current == 64 * 64 * 4
         sch.settle("H qkv", acc)
         assert ledger.current == 0 and not ledger.holds("H qkv")
+
+
+def test_finished_run_reexports_without_the_corpus(tiny, tmp_path, monkeypatch):
+    """Rerunning a finished command with --export added needs neither the calibration text nor
+    disk space for what it already wrote."""
+    out = tmp_path / "out"
+    _run(tiny, out)
+
+    def offline(name, split):
+        raise ConnectionError("offline")
+    monkeypatch.setattr(calib_mod, "_hub_source", offline)
+    qc = QuantConfig(model=str(tiny), wbits=2, nsamples=6, seqlen=48)
+    rep = quantize_model(qc, RunOptions(output=str(out), device="cpu", progress=False, export=["packed"]),
+                         Console(progress=False))
+    assert rep["resumed_from_block"] == 2 and (out / "packed" / "config.json").is_file()
