@@ -4,6 +4,8 @@
     python benchmarks/stories.py --study ab        # A/B of the differences to the official BoA code
     python benchmarks/stories.py --study orders    # act-order: fixed combinations, --search-orders, oracle
     python benchmarks/stories.py --study calib     # calibration budget: 128 / 256 / 512 windows of 512
+    python benchmarks/stories.py --study fpt       # --fp-targets (fit to the fp model's outputs)
+    python benchmarks/stories.py --study mlprow    # BoA's MLP row Hessians (the default) vs the paper's BoA
 
 Setup (issue 10): calibration windows of 512 tokens from ``../shared/data/tinystories/train.txt``
 (``--calib-file``, tokenized once, random offsets from ``--seed``), perplexity on
@@ -43,26 +45,34 @@ SEQLEN = 512
 MODEL = "stories260K"
 
 # variant name -> run_quant.py flags (besides model/bits/seed/nsamples/data)
-VARIANTS = {   # defaults (one-pass statistics, V row Hessian on) unless the name says otherwise
+# defaults (one-pass statistics, V row Hessian on) unless the name says otherwise; "boa*" rows without
+# "mlprow" are the paper's BoA (attention only: --no-mlp-row-hessian, the default before issue 10's
+# second round); "boa-mlprow*" solve the MLP-input layers with their row Hessian (the default now)
+VARIANTS = {
     "rtn": ["--method", "rtn", "--qparam", "minmax"],
     "gptq": ["--method", "gptq"],
     "gptq-minmax": ["--method", "gptq", "--qparam", "minmax"],
     "gptq-seq": ["--method", "gptq", "--true-sequential"],
     "gptq-seq-damp03": ["--method", "gptq", "--true-sequential", "--percdamp", "0.03"],
     "gptq-seq-damp10": ["--method", "gptq", "--true-sequential", "--percdamp", "0.1"],
-    "boa": ["--method", "boa"],
-    "boa-noblockv": ["--method", "boa", "--no-block-v"],
-    "boa-novrow": ["--method", "boa", "--no-v-row-hessian"],     # the official code's configuration
-    "boa-seq": ["--method", "boa", "--true-sequential"],
-    "boa-seq-novrow": ["--method", "boa", "--true-sequential", "--no-v-row-hessian"],
-    "boa-seq-damp03": ["--method", "boa", "--true-sequential", "--percdamp", "0.03"],
-    "boa-seq-damp10": ["--method", "boa", "--true-sequential", "--percdamp", "0.1"],
-    "boa+col": ["--method", "boa", "--act-order-col"],
-    "boa+row": ["--method", "boa", "--act-order-row"],
-    "boa+col+row": ["--method", "boa", "--act-order-col", "--act-order-row"],
-    "boa-search": ["--method", "boa", "--search-orders"],
+    "boa": ["--method", "boa", "--no-mlp-row-hessian"],
+    "boa-noblockv": ["--method", "boa", "--no-block-v", "--no-mlp-row-hessian"],
+    "boa-novrow": ["--method", "boa", "--no-v-row-hessian", "--no-mlp-row-hessian"],   # the official code's configuration
+    "boa-seq": ["--method", "boa", "--true-sequential", "--no-mlp-row-hessian"],
+    "boa-seq-novrow": ["--method", "boa", "--true-sequential", "--no-v-row-hessian", "--no-mlp-row-hessian"],
+    "boa-seq-damp03": ["--method", "boa", "--true-sequential", "--percdamp", "0.03", "--no-mlp-row-hessian"],
+    "boa-seq-damp10": ["--method", "boa", "--true-sequential", "--percdamp", "0.1", "--no-mlp-row-hessian"],
+    "boa+col": ["--method", "boa", "--act-order-col", "--no-mlp-row-hessian"],
+    "boa+row": ["--method", "boa", "--act-order-row", "--no-mlp-row-hessian"],
+    "boa+col+row": ["--method", "boa", "--act-order-col", "--act-order-row", "--no-mlp-row-hessian"],
+    "boa-search": ["--method", "boa", "--search-orders", "--no-mlp-row-hessian"],
     "gptq+col": ["--method", "gptq", "--act-order-col"],
     "gptq-search": ["--method", "gptq", "--search-orders"],
+    "gptq-fpt": ["--method", "gptq", "--fp-targets"],
+    "boa-fpt": ["--method", "boa", "--fp-targets", "--no-mlp-row-hessian"],
+    "boa-mlprow": ["--method", "boa", "--mlp-row-hessian"],
+    "boa-mlprow-full": ["--method", "boa", "--mlp-row-hessian", "--mlp-row-group", "100000"],
+    "boa-mlprow-search": ["--method", "boa", "--mlp-row-hessian", "--search-orders"],
 }
 
 STUDIES = {
@@ -72,7 +82,11 @@ STUDIES = {
     "orders": {"bits": [2], "variants": ["boa", "boa+col", "boa+row", "boa+col+row", "boa-search", "gptq", "gptq+col",
                                          "gptq-search"], "nsamples": [128]},
     "calib": {"bits": [2], "variants": ["gptq", "boa"], "nsamples": [128, 256, 512]},
-    "main": {"bits": [2, 3, 4], "variants": ["rtn", "gptq-minmax", "llmc-gptq", "gptq", "boa", "boa-noblockv"],
+    "fpt": {"bits": [2], "variants": ["gptq", "boa", "gptq-fpt", "boa-fpt"], "nsamples": [128]},
+    "mlprow": {"bits": [2, 3, 4], "variants": ["gptq", "boa", "boa-mlprow", "boa-mlprow-full", "boa-mlprow-search"],
+               "nsamples": [128]},
+    "main": {"bits": [2, 3, 4], "variants": ["rtn", "gptq-minmax", "llmc-gptq", "gptq", "boa", "boa-noblockv",
+                                             "boa-mlprow"],
              "nsamples": [128]},
 }
 
@@ -218,15 +232,16 @@ def plot(summary: list[dict], fp: float, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    methods = ["rtn", "llmc-gptq", "gptq-minmax", "gptq", "boa-noblockv", "boa"]
+    methods = ["rtn", "llmc-gptq", "gptq-minmax", "gptq", "boa-noblockv", "boa", "boa-mlprow"]
     for k, m in enumerate(methods):
         rows = sorted((s for s in summary if s["variant"] == m and s["nsamples"] == 128), key=lambda s: s["bits"])
         if not rows:
             continue
+        label = {"boa": "boa (paper: attention only)", "boa-mlprow": "boa + MLP row Hessians (default)"}.get(m, m)
         x = [s["bits"] + (k - len(methods) / 2) * 0.06 for s in rows]
         y = [s["mean"] for s in rows]
         err = [[s["mean"] - s["min"] for s in rows], [s["max"] - s["mean"] for s in rows]]
-        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=m)
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=label)
     ax.axhline(fp, color="gray", ls="--", lw=0.8, label=f"fp32 {fp:.3f}")
     ax.set_yscale("log")
     ax.set_xticks([2, 3, 4])

@@ -25,13 +25,16 @@ import torch
 from .config import QuantConfig
 from .forward import block_forward, capture_input
 from .models.base import ModelAdapter
-from .scheduler.planner import (PHASE_ATTN, PHASE_BLOCK_V, PHASE_MLP_IN, PHASE_MLP_OUT, PHASE_OUT,
-                                PHASE_PROPAGATE, PHASE_SOLVE, Plan, solver_workspace, workspace_bytes)
+from .scheduler.planner import (PHASE_ATTN, PHASE_BLOCK_V, PHASE_MLP_IN, PHASE_MLP_OUT, PHASE_FP_PROPAGATE,
+                                PHASE_OUT, PHASE_PROPAGATE, PHASE_SOLVE, Plan, fp_target_workspace,
+                                solver_workspace, workspace_bytes)
 from .scheduler.scheduler import Scheduler
 from .scheduler.store import ActivationStore
 from .solvers import boa_quantize, gptq_quantize, rtn_quantize
 from .solvers.objective import attention_loss, layer_loss
-from .stats import attention_grams, block_v_grams, gram, qk_row_hessians, wout_row_hessian
+from .solvers.target import fp_target_weight
+from .stats import (attention_grams, block_v_grams, cross_gram, gain_grams, gram, mlp_row_group, mlp_row_hessian,
+                    qk_row_hessians, wout_row_hessian)
 
 
 @dataclass
@@ -70,20 +73,46 @@ class BlockQuantizer:
     def _workspace(self, name: str):
         return self.sch.workspace(f"workspace: {name}", workspace_bytes(self.plan.phase(name)))
 
-    def _column_hessian(self, block, store: ActivationStore, layer: str, phase: str) -> torch.Tensor:
-        """Mean ``x x^T`` of the inputs of ``layer`` over all calibration tokens (host, float32)."""
+    def _pairs(self, store: ActivationStore, chunk: int):
+        """``(x, x_fp)`` chunks: the quantized model's block inputs and, with ``--fp-targets``,
+        the full-precision model's (``None`` otherwise)."""
+        if not self.qc.fp_targets:
+            for _, _, x in self.sch.chunks(store.inputs, chunk):
+                yield x, None
+            return
+        for (_, _, x), (_, _, xf) in zip(self.sch.chunks(store.inputs, chunk),
+                                         self.sch.chunks(store.fp_inputs, chunk, "fp activation chunk")):
+            yield x, xf
+
+    def _column_hessian(self, block, store: ActivationStore, layer: str, phase: str, gains: int | None = None):
+        """Mean ``x x^T`` of the inputs of ``layer`` over all calibration tokens (host, float32);
+        with ``--fp-targets`` also the mean ``x_fp x^T``; with ``gains`` (a row-group size, for the
+        MLP input) the block-diagonal ``E[m m^T]`` of every MLP-input layer (``mlp_stats``).
+        Returns ``(H, C or None, {layer: E[m m^T]} or None)``."""
         t0 = time.perf_counter()
         with self._phase(phase), self._workspace(phase):
             n_in = self.adapter_in_features(block, layer)
             acc = self.sch.accumulator(f"H {layer}", (n_in, n_in))
+            acc_c = self.sch.accumulator(f"C {layer}", (n_in, n_in)) if self.qc.fp_targets else None
+            I = self.adapter.intermediate_size
+            acc_m = {n: self.sch.accumulator(f"E[m m^T] {n}", (I // gains, gains, gains))
+                     for n in self.adapter.mlp_in} if gains else None
             tokens = 0
-            for _, _, x in self.sch.chunks(store.inputs, self.plan.chunk):
+            for x, xf in self._pairs(store, self.plan.chunk):
                 xa = capture_input(block, layer, x, self.kwargs)
                 self.sch.accumulate(acc, gram(xa))
+                if xf is not None:
+                    self.sch.accumulate(acc_c, cross_gram(capture_input(block, layer, xf, self.kwargs), xa))
+                if acc_m is not None:   # one sample at a time: the gains are I-wide float32 per token
+                    for xs in xa.split(1):
+                        for n, m in self.adapter.mlp_gains(block, xs).items():
+                            self.sch.accumulate(acc_m[n], gain_grams(m, gains))
                 tokens += xa.numel() // xa.shape[-1]
             H = self.sch.settle(f"H {layer}", acc).div_(tokens)
+            C = None if acc_c is None else self.sch.settle(f"C {layer}", acc_c).div_(tokens)
+            S = None if acc_m is None else {n: self.sch.settle(f"E[m m^T] {n}", t).div_(tokens) for n, t in acc_m.items()}
         self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + time.perf_counter() - t0
-        return H
+        return H, C, S
 
     def _orders(self, boa: bool, search: bool) -> list:
         """(act_order_col, act_order_row) combinations to try: the configured one, or all of them."""
@@ -97,7 +126,8 @@ class BlockQuantizer:
 
     # ----- statistics ---------------------------------------------------------------------
     def attention_statistics(self, block, store: ActivationStore):
-        """Shared H_col of q/k/v and, for BoA, the row Hessians of W_Q and W_K."""
+        """Shared H_col of q/k/v, with ``--fp-targets`` its cross statistics ``C`` (else None),
+        and, for BoA, the row Hessians of W_Q and W_K."""
         t0 = time.perf_counter()
         h = self.heads
         boa = self.qc.method == "boa"
@@ -106,10 +136,14 @@ class BlockQuantizer:
             acc = self.sch.accumulator("H qkv", (d, d))
             acc_k = self.sch.accumulator("G_k", (h.n_kv_heads, h.head_dim, h.head_dim)) if boa else None
             acc_q = self.sch.accumulator("G_q", (h.n_kv_heads, h.head_dim, h.head_dim)) if boa else None
+            acc_c = self.sch.accumulator("C qkv", (d, d)) if self.qc.fp_targets else None
             tokens = 0
-            for _, _, x in self.sch.chunks(store.inputs, self.plan.chunk):
+            for x, xf in self._pairs(store, self.plan.chunk):
                 xa = capture_input(block, self.adapter.q_proj, x, self.kwargs)
                 self.sch.accumulate(acc, gram(xa))
+                if xf is not None:
+                    self.sch.accumulate(acc_c, cross_gram(capture_input(block, self.adapter.q_proj, xf, self.kwargs),
+                                                          xa))
                 tokens += xa.numel() // xa.shape[-1]
                 if boa:
                     st = self.adapter.attention_states(block, xa, self.kwargs)
@@ -117,6 +151,7 @@ class BlockQuantizer:
                     self.sch.accumulate(acc_k, gk)
                     self.sch.accumulate(acc_q, gq)
             H_qkv = self.sch.settle("H qkv", acc).div_(tokens)
+            C_qkv = None if acc_c is None else self.sch.settle("C qkv", acc_c).div_(tokens)
             rows = None
             if boa:
                 G_k = self.sch.settle("G_k", acc_k) / tokens
@@ -130,7 +165,7 @@ class BlockQuantizer:
                 k_norm = None if k_norm is None else self.sch.to_host(k_norm)
                 rows = qk_row_hessians(G_k, G_q, h.n_rep, cos_sin, q_norm, k_norm)
         self.phase_seconds[PHASE_ATTN] = time.perf_counter() - t0
-        return H_qkv, rows
+        return H_qkv, C_qkv, rows
 
     def block_v_statistics(self, block, store: ActivationStore) -> torch.Tensor:
         """Per-KV-head ``X A^T A X^T`` (mean over tokens), a few query heads at a time."""
@@ -155,8 +190,23 @@ class BlockQuantizer:
         return H_v
 
     # ----- solving ----------------------------------------------------------------------
+    def retarget(self, block, name: str, target: tuple) -> None:
+        """``--fp-targets``: replace ``block.<name>``'s weight by ``W + W (C - H) (H + lam I)^-1``
+        (``target = (H, C)``), whose symmetric objective equals ``||Q X~ - W X_fp||`` up to a
+        constant (``solvers.target``); the solver then quantizes it as usual."""
+        H, C = target
+        lin = block.get_submodule(name)
+        W = lin.weight.data
+        with self._phase(PHASE_SOLVE), self.sch.workspace(f"fp target {name}", fp_target_workspace(*W.shape)):
+            H_dev = self.sch.to_device(H, f"H fp-target {name}")
+            C_dev = self.sch.to_device(C, f"C fp-target {name}")
+            lin.weight.data = fp_target_weight(W, H_dev, C_dev, self.qc.percdamp)
+            del H_dev, C_dev
+            self.sch.free(f"H fp-target {name}")
+            self.sch.free(f"C fp-target {name}")
+
     def solve(self, block, name: str, H_col: torch.Tensor | None, H_row: torch.Tensor | None = None,
-              n_heads: int = 1) -> tuple[LayerReport, tuple]:
+              n_heads: int = 1, target: tuple | None = None) -> tuple[LayerReport, tuple]:
         """Quantize ``block.<name>`` in place on the device; return its report and codes.
 
         The Hessians are handed to the solver, which damps them in place; the relative errors
@@ -166,6 +216,8 @@ class BlockQuantizer:
         """
         t0 = time.perf_counter()
         qc = self.qc
+        if target is not None and target[1] is not None:
+            self.retarget(block, name, target)
         lin = block.get_submodule(name)
         W = lin.weight.data
         r, c = W.shape
@@ -238,21 +290,28 @@ class BlockQuantizer:
             phases = {a.q_proj: PHASE_ATTN, a.k_proj: PHASE_ATTN, a.v_proj: PHASE_ATTN, a.o_proj: PHASE_OUT,
                       a.mlp_out: PHASE_MLP_OUT, **{n: PHASE_MLP_IN for n in a.mlp_in}}
             for name in a.linear_names():
-                H = self._column_hessian(block, store, name, phases[name]) if qc.qparam == "hessian" else None
+                H = self._column_hessian(block, store, name, phases[name])[0] if qc.qparam == "hessian" else None
                 record(name, self.solve(block, name, H))
         else:
             # true-sequential: each group's statistics come from the block with the layers
             # before it already quantized; otherwise all of them come from one pass over the
             # full-precision block (the official BoA code's order)
             later = {a.o_proj: PHASE_OUT, a.mlp_in[0]: PHASE_MLP_IN, a.mlp_out: PHASE_MLP_OUT}
-            H_qkv, rows = self.attention_statistics(block, store)
+            if qc.fp_targets:   # the fp model's block outputs, from the fp block on the fp stream
+                self.phase_seconds[PHASE_FP_PROPAGATE] = self.propagate(block, store, fp=True)
+            H_qkv, C_qkv, rows = self.attention_statistics(block, store)
             H_v = self.block_v_statistics(block, store) if qc.method == "boa" and qc.block_v else H_qkv
+            group = mlp_row_group(a.intermediate_size, qc.mlp_row_group) \
+                if qc.method == "boa" and qc.mlp_row_hessian else None
+            gains = {a.mlp_in[0]: group}
             early = {} if qc.true_sequential else {
-                name: self._column_hessian(block, store, name, phase) for name, phase in later.items()}
+                name: self._column_hessian(block, store, name, phase, gains.get(name)) for name, phase in later.items()}
 
-            def col_hessian(name):
-                return early.pop(name) if name in early else self._column_hessian(block, store, name, later[name])
+            def col_stats(name):
+                return early.pop(name) if name in early else \
+                    self._column_hessian(block, store, name, later[name], gains.get(name))
 
+            qkv_target = (H_qkv, C_qkv)   # V under block_v: corrected with the plain q/k/v statistics
             if qc.method == "boa":
                 H_row_q, H_row_k = rows
                 if qc.v_row_hessian:
@@ -260,28 +319,39 @@ class BlockQuantizer:
                     H_row_v = self.sch.to_host(wout_row_hessian(W_o, h.n_heads, h.n_kv_heads, h.head_dim))
                 else:   # identity: V per head with GPTQ on its own H_col (the official code's V)
                     H_row_v = torch.eye(h.head_dim).expand(h.n_kv_heads, -1, -1).contiguous()
-                record(a.q_proj, self.solve(block, a.q_proj, H_qkv, H_row_q, h.n_heads))
-                record(a.k_proj, self.solve(block, a.k_proj, H_qkv, H_row_k, h.n_kv_heads))
-                record(a.v_proj, self.solve(block, a.v_proj, H_v, H_row_v, h.n_kv_heads))
+                record(a.q_proj, self.solve(block, a.q_proj, H_qkv, H_row_q, h.n_heads, qkv_target))
+                record(a.k_proj, self.solve(block, a.k_proj, H_qkv, H_row_k, h.n_kv_heads, qkv_target))
+                record(a.v_proj, self.solve(block, a.v_proj, H_v, H_row_v, h.n_kv_heads, qkv_target))
             else:
                 for name in (a.q_proj, a.k_proj, a.v_proj):
-                    record(name, self.solve(block, name, H_qkv))
-            record(a.o_proj, self.solve(block, a.o_proj, col_hessian(a.o_proj)))
-            H_in = col_hessian(a.mlp_in[0])
-            for name in a.mlp_in:
-                record(name, self.solve(block, name, H_in))
-            record(a.mlp_out, self.solve(block, a.mlp_out, col_hessian(a.mlp_out)))
+                    record(name, self.solve(block, name, H_qkv, target=qkv_target))
+            H_o, C_o, _ = col_stats(a.o_proj)
+            record(a.o_proj, self.solve(block, a.o_proj, H_o, target=(H_o, C_o)))
+            H_in, C_in, S = col_stats(a.mlp_in[0])
+            if S is not None:   # BoA with --mlp-row-hessian: through the (still fp) MLP-output weight
+                W_out = block.get_submodule(a.mlp_out).weight.data
+                for name in a.mlp_in:
+                    H_row = self.sch.to_host(mlp_row_hessian(S.pop(name), W_out))
+                    record(name, self.solve(block, name, H_in, H_row, H_row.shape[0], (H_in, C_in)))
+            else:
+                for name in a.mlp_in:
+                    record(name, self.solve(block, name, H_in, target=(H_in, C_in)))
+            H_out, C_out, _ = col_stats(a.mlp_out)
+            record(a.mlp_out, self.solve(block, a.mlp_out, H_out, target=(H_out, C_out)))
         return BlockOutcome(weights=self.sch.host_state(block), quant=quant, layers=reports,
                             seconds=time.perf_counter() - t0, phase_seconds=dict(self.phase_seconds))
 
-    def propagate(self, block, store: ActivationStore) -> float:
-        """Run the (quantized) block over all calibration inputs into the output slot."""
+    def propagate(self, block, store: ActivationStore, fp: bool = False) -> float:
+        """Run the block over all calibration inputs into the output slot: the (quantized) block
+        on the quantized model's stream, or with ``fp`` the full-precision block on the fp stream."""
         t0 = time.perf_counter()
-        with self._phase(PHASE_PROPAGATE), self._workspace(PHASE_PROPAGATE):
-            for i0, i1, x in self.sch.chunks(store.inputs, self.plan.chunk):
-                self.sch.store(store.outputs, i0, i1, block_forward(block, x, self.kwargs))
+        phase = PHASE_FP_PROPAGATE if fp else PHASE_PROPAGATE
+        src, dst = (store.fp_inputs, store.fp_outputs) if fp else (store.inputs, store.outputs)
+        with self._phase(phase), self.sch.workspace(f"workspace: {phase}", workspace_bytes(self.plan.phase(PHASE_PROPAGATE))):
+            for i0, i1, x in self.sch.chunks(src, self.plan.chunk):
+                self.sch.store(dst, i0, i1, block_forward(block, x, self.kwargs))
         dt = time.perf_counter() - t0
-        self.phase_seconds[PHASE_PROPAGATE] = dt
+        self.phase_seconds[phase] = dt
         return dt
 
 

@@ -106,6 +106,8 @@ def first_block_inputs(sch: Scheduler, model, adapter, ids: torch.Tensor, store:
                 sch.free("ids chunk")
                 if store is not None:
                     sch.store(store.inputs, i0, i1, catcher.hidden)
+                    if store.fp_stream:    # before block 0 both models compute the same
+                        sch.store(store.fp_inputs, i0, i1, catcher.hidden)
                 if kwargs is None:
                     kwargs = {k: v for k, v in catcher.kwargs.items()
                               if k not in ("past_key_values", "use_cache", "cache_position")}

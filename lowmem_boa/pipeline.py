@@ -26,13 +26,14 @@ import torch
 from . import __version__
 from .block import BlockQuantizer
 from .checkpoint import RunState, atomic_write_bytes, export_fake_quant
-from .config import DEFAULT_NSAMPLES, QuantConfig, RunOptions
+from .config import DEFAULT_NSAMPLES, MLP_ROW_MAX_BITS, QuantConfig, RunOptions
 from .data import calibration_windows, file_source, load_source, local_files
 from .forward import first_block_inputs
 from .models import get_adapter
 from .scheduler import (ActivationStore, CheckpointReader, Ledger, PlanInputs, Scheduler, build_skeleton,
                         fmt_bytes, load_config, make_plan, parse_size, resolve_model_dir)
 from .scheduler.planner import CPU_CHUNK_TOKENS, PHASE_PROPAGATE, Plan, PlanError
+from .stats import mlp_row_group
 from .ui import Console
 
 
@@ -112,6 +113,12 @@ def prepare_run(qc: QuantConfig, ro: RunOptions, console: Console | None = None)
     if qc.seqlen > adapter.max_positions:
         notes.append(f"--seqlen {qc.seqlen} capped to the model's {adapter.max_positions} positions")
         qc.seqlen = adapter.max_positions
+    if qc.mlp_row_hessian is None:
+        qc.mlp_row_hessian = qc.method == "boa" and qc.wbits <= MLP_ROW_MAX_BITS
+        if qc.method == "boa":
+            notes.append(f"BoA: MLP-input layers {'with' if qc.mlp_row_hessian else 'without'} their row Hessian at "
+                         f"{qc.wbits} bits (default: with up to {MLP_ROW_MAX_BITS} bits; --mlp-row-hessian / "
+                         "--no-mlp-row-hessian to choose)")
     if qc.nsamples is None:
         qc.nsamples = DEFAULT_NSAMPLES
         if qc.uses_calibration:
@@ -141,6 +148,9 @@ def prepare_run(qc: QuantConfig, ro: RunOptions, console: Console | None = None)
                         seqlen=qc.seqlen, dtype_bytes=torch.empty((), dtype=dtype).element_size(),
                         block_v=qc.block_v, group_size=qc.group_size, device_type=device.type,
                         true_sequential=qc.true_sequential, search_orders=qc.search_orders,
+                        fp_targets=qc.fp_targets,
+                        mlp_row_group=(mlp_row_group(adapter.intermediate_size, qc.mlp_row_group)
+                                       if qc.method == "boa" and qc.mlp_row_hessian else None),
                         qparam=qc.qparam,
                         max_chunk_tokens=CPU_CHUNK_TOKENS if device.type == "cpu" and not ro.max_gpu_mem else None,
                         wbits=qc.wbits, fake_quant=ro.fake_quant, exports=tuple(ro.export))
@@ -263,7 +273,8 @@ def _run(prep: PreparedRun, console: Console) -> dict:
                                      else load_source(qc.calib, "train", ro.data_dir))  # block files failed checks
             ids = calibration_windows(tokenizer, source, qc.nsamples, qc.seqlen, qc.seed, console.note)
             store = ActivationStore(qc.nsamples, qc.seqlen, adapter.heads.hidden_size, prep.dtype,
-                                    work_dir=state.dir / "work", on_disk=plan.activations_on_disk)
+                                    work_dir=state.dir / "work", on_disk=plan.activations_on_disk,
+                                    fp_stream=qc.fp_targets)
             kwargs = first_block_inputs(sch, model, adapter, ids, store, plan.chunk, plan)
             kwargs_bytes = sum(t.numel() * t.element_size() for v in kwargs.values()
                                for t in (v if isinstance(v, tuple) else (v,)) if isinstance(t, torch.Tensor))
@@ -276,6 +287,9 @@ def _run(prep: PreparedRun, console: Console) -> dict:
                     if store is not None and i < n_blocks - 1:
                         progress.update(i, "replaying finished block")
                         weights, _ = state.load_block(i)
+                        if store.fp_stream:   # the fp model's stream: the original block
+                            with sch.resident([name], f"block {i} (full precision)") as (blk,):
+                                BlockQuantizer(sch, adapter, plan, qc, kwargs).propagate(blk, store, fp=True)
                         with sch.resident([name], f"block {i}", weights={f"{name}.{k}": v for k, v in weights.items()}) as (blk,):
                             BlockQuantizer(sch, adapter, plan, qc, kwargs).propagate(blk, store)
                         store.advance()

@@ -64,7 +64,7 @@ class Console:
         t.add_column("block", justify="right")
         t.add_column("seconds", justify="right")
         t.add_column("mean rel. layer error", justify="right")
-        t.add_column("BoA rel. attention error (q/k/v)", justify="right")
+        t.add_column("BoA rel. Kronecker error (q/k/v, MLP in)", justify="right")
         for i, b in sorted(report["blocks"].items(), key=lambda kv: int(kv[0])):
             layers = b.get("layers", [])
             errs = [l["rel_error"] for l in layers if l.get("rel_error") is not None]

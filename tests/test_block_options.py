@@ -38,9 +38,9 @@ def test_one_pass_statistics_do_not_depend_on_the_attention_solver(llama_dir, tm
     out-projection and MLP results are the same whichever method quantized q/k/v; true-sequentially
     they follow the quantized attention and differ."""
     one_gptq, _ = _quant(llama_dir, tmp_path / "a", method="gptq", true_sequential=False)
-    one_boa, _ = _quant(llama_dir, tmp_path / "b", method="boa", true_sequential=False)
+    one_boa, _ = _quant(llama_dir, tmp_path / "b", method="boa", true_sequential=False, mlp_row_hessian=False)
     seq_gptq, _ = _quant(llama_dir, tmp_path / "c", method="gptq", true_sequential=True)
-    seq_boa, _ = _quant(llama_dir, tmp_path / "d", method="boa", true_sequential=True)
+    seq_boa, _ = _quant(llama_dir, tmp_path / "d", method="boa", true_sequential=True, mlp_row_hessian=False)
     for n in ATTN:   # q/k/v see the same statistics in both modes
         assert torch.equal(one_gptq[f"{n}.weight"], seq_gptq[f"{n}.weight"]), n
         assert torch.equal(one_boa[f"{n}.weight"], seq_boa[f"{n}.weight"]), n
@@ -71,7 +71,7 @@ def test_search_orders_keeps_the_best_objective(llama_dir, tmp_path):
     layers = report["blocks"]["0"]["layers"]
     for lay in layers:
         losses = lay["info"]["order_losses"]
-        assert len(losses) == (4 if lay["name"] in ATTN else 2), lay["name"]
+        assert len(losses) == (4 if lay["name"] in ATTN + ("mlp.gate_proj", "mlp.up_proj") else 2), lay["name"]
         assert losses[lay["info"]["orders"]] == min(losses.values()), lay["name"]
     first = layers[0]
     assert first["name"] == "self_attn.q_proj"
@@ -119,6 +119,10 @@ def test_cli_exposes_the_block_options():
     assert (qc.true_sequential, qc.v_row_hessian, qc.search_orders, qc.nsamples) == (False, True, False, None)
     qc, _ = parse(["--model", "m", "--true-sequential", "--no-v-row-hessian", "--search-orders", "--nsamples", "64"])
     assert (qc.true_sequential, qc.v_row_hessian, qc.search_orders, qc.nsamples) == (True, False, True, 64)
+    qc, _ = parse(["--model", "m"])
+    assert (qc.mlp_row_hessian, qc.mlp_row_group, qc.fp_targets) == (None, 128, False)   # None: by bit width
+    qc, _ = parse(["--model", "m", "--no-mlp-row-hessian", "--mlp-row-group", "64", "--fp-targets"])
+    assert (qc.mlp_row_hessian, qc.mlp_row_group, qc.fp_targets) == (False, 64, True)
 
 
 def test_search_orders_is_planned():

@@ -17,7 +17,7 @@ from ..config import CALIB_SETS, DTYPES, METHODS, WBITS, QuantConfig, RunOptions
 from ..solvers.validation import GRIDS
 
 PRESET_KEYS = {"device", "max_gpu_mem", "max_cpu_mem", "hessians", "nsamples", "seqlen", "block_v", "dtype",
-               "true_sequential", "v_row_hessian",
+               "true_sequential", "v_row_hessian", "fp_targets", "mlp_row_hessian", "mlp_row_group",
                "data_dir", "calib", "qparam", "group_size", "percdamp", "block_size"}
 
 
@@ -45,6 +45,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "full-precision block (as the official BoA code; better on stories260K, docs/results.md)")
     m.add_argument("--v-row-hessian", dest="v_row_hessian", action=argparse.BooleanOptionalAction, default=True,
                    help="BoA: row Hessian W_out,h^T W_out,h for V (default on); off: V per head with GPTQ")
+    m.add_argument("--mlp-row-hessian", dest="mlp_row_hessian", action=argparse.BooleanOptionalAction, default=None,
+                   help="BoA: also solve the MLP-input layers (fc1 / gate, up) with a row Hessian "
+                   "(W_out^T W_out weighted by the activation's gains), as BoA solves V through W_out (default: on "
+                   "at 2-3 bits, off at 4+, as measured on stories260K, docs/results.md); off: the paper's BoA")
+    m.add_argument("--mlp-row-group", type=int, default=128,
+                   help="--mlp-row-hessian: rows per block of the row Hessian (the largest divisor of the MLP "
+                   "size up to this; each block costs one sweep, like a head of this size)")
+    m.add_argument("--fp-targets", dest="fp_targets", action=argparse.BooleanOptionalAction, default=False,
+                   help="GPTQ/BoA: fit each layer on the quantized model's input to the full-precision model's "
+                   "output of that layer (min ||Q X~ - W X||, asymmetric calibration); keeps a second activation "
+                   "stream (2x activation memory, ~2x statistics time)")
     m.add_argument("--percdamp", type=float, default=0.01)
     m.add_argument("--block-size", type=int, default=128, help="lazy-update block of the OPTQ sweep")
     m.add_argument("--dtype", choices=DTYPES, default="auto", help="compute/export dtype (default: checkpoint's)")
@@ -108,6 +119,8 @@ def parse(argv=None):
                      group_size=args.group_size, qparam=args.qparam, block_v=args.block_v,
                      act_order_col=args.act_order_col, act_order_row=args.act_order_row, percdamp=args.percdamp,
                      search_orders=args.search_orders, true_sequential=args.true_sequential, v_row_hessian=args.v_row_hessian,
+                     fp_targets=args.fp_targets, mlp_row_hessian=args.mlp_row_hessian,
+                     mlp_row_group=args.mlp_row_group,
                      block_size=args.block_size, calib=args.calib, calib_file=args.calib_file,
                      nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, dtype=args.dtype)
     ro = RunOptions(output=args.output, device=args.device, max_gpu_mem=args.max_gpu_mem,

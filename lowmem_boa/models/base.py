@@ -41,6 +41,32 @@ class AttentionStates:
     scaling: float
 
 
+def derivative(fn, z: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    """``fn'(z)`` element-wise by central differences (any activation; float32)."""
+    z = z.float()
+    out = fn(z + eps)
+    out.sub_(fn(z - eps)).div_(2 * eps)
+    return out
+
+
+class GatedMLP:
+    """``down(act(gate(x)) * up(x))`` (Llama, Qwen): ``m_up = act(g)``, ``m_gate = act'(g) * u``."""
+
+    def mlp_gains(self, block: nn.Module, x: torch.Tensor) -> dict:
+        gate, up = self.mlp_in
+        act = self.mlp_activation(block)
+        g = block.get_submodule(gate)(x).float()
+        I = g.shape[-1]
+        m_up = act(g).reshape(-1, I)
+        m_gate = derivative(act, g)
+        del g
+        m_gate.mul_(block.get_submodule(up)(x).float())
+        return {up: m_up, gate: m_gate.reshape(-1, I)}
+
+    def mlp_activation(self, block: nn.Module):
+        return block.get_submodule("mlp").act_fn
+
+
 class ModelAdapter:
     """Base class; subclasses set the names and override what differs."""
 
@@ -118,6 +144,17 @@ class ModelAdapter:
             shapes[n] = (inter, d)
         shapes[self.mlp_out] = (d, inter)
         return shapes
+
+    # ----- MLP --------------------------------------------------------------------
+    def mlp_gains(self, block: nn.Module, x: torch.Tensor) -> dict:
+        """Per MLP-input layer, the per-token factor ``m`` (``(tokens, I)``, float32) with which an
+        error ``dz`` of that layer's output reaches the MLP-output layer's input: ``dh ~ m * dz``.
+        ``x`` is the MLP input. Ungated MLP (``fc1 -> act``): ``m = act'(z)``."""
+        z = block.get_submodule(self.mlp_in[0])(x).float()
+        return {self.mlp_in[0]: derivative(self.mlp_activation(block), z).reshape(-1, z.shape[-1])}
+
+    def mlp_activation(self, block: nn.Module):
+        return block.activation_fn
 
     # ----- attention --------------------------------------------------------------
     def attention(self, block: nn.Module) -> nn.Module:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import AttentionStates, ModelAdapter
+from .base import AttentionStates, GatedMLP, ModelAdapter
 
 
 def apply_rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -19,7 +19,7 @@ def apply_rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return t * cos + rotated * sin
 
 
-class LlamaAdapter(ModelAdapter):
+class LlamaAdapter(GatedMLP, ModelAdapter):
     family = "Llama"
     model_types = ("llama",)
     blocks_prefix = "model.layers"

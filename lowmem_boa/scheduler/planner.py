@@ -33,6 +33,7 @@ PHASE_OUT = "out-proj statistics"
 PHASE_MLP_IN = "MLP-input statistics"
 PHASE_MLP_OUT = "MLP-output statistics"
 PHASE_PROPAGATE = "propagate (block forward)"
+PHASE_FP_PROPAGATE = "fp stream (full-precision block forward)"
 PHASE_SOLVE = "solve (per layer)"
 # terms the scheduler reserves itself when it places the tensors; the rest of a phase's
 # terms is workspace the computation allocates, reserved as one amount
@@ -65,6 +66,8 @@ class PlanInputs:
     wbits: int = 2                 # for the disk plan (packed codes)
     fake_quant: bool = True        # the fake-quantized checkpoint is written (disk plan)
     exports: tuple = ()            # --export formats (disk plan)
+    fp_targets: bool = False       # a second (full-precision) activation stream and C = X_fp X~^T per H
+    mlp_row_group: int | None = None   # BoA --mlp-row-hessian: rows per block of the MLP-input row Hessian
 
 
 @dataclass
@@ -198,6 +201,13 @@ def solver_workspace(rows: int, cols: int, n_col_hessians: int, dtype_bytes: int
     }
 
 
+def fp_target_workspace(rows: int, cols: int) -> int:
+    """Device bytes of ``solvers.target.fp_target_weight`` on a ``rows x cols`` weight, besides H and
+    C placed by the scheduler: the damped copy of H, its Cholesky factor, ``C - H``, ``W (C - H)`` and
+    its solution, the float32 weight and the result."""
+    return 3 * cols * cols * F32 + 4 * rows * cols * F32
+
+
 def _attention_forward(c: int, L: int, D: Dims, b: int) -> int:
     """HF attention of a chunk, assuming the math (materialised) attention kernel."""
     qkv = c * L * (D.H + 2 * D.Hkv) * D.dh * b * 2     # projections + rotated copies
@@ -221,11 +231,19 @@ def build_phases(D: Dims, inp: PlanInputs, c: int, ca: int, g: int, hess_dev: bo
     gram = lambda n: n * n * F32  # noqa: E731
     acc = lambda n: gram(n) if hess_dev else 0  # noqa: E731
     x32 = c * L * D.d * F32
-    phases.append(Phase(PHASE_ATTN, {
+    fp = inp.fp_targets
+
+    def with_fp(terms: dict, n: int, captured: int) -> dict:
+        """--fp-targets: the fp stream's chunk, its captured layer input and C's partial sum."""
+        if fp:
+            terms.update({"fp-stream input chunk": act, "fp-stream layer input": captured,
+                          "C partial": gram(n), "C accumulator": acc(n)})
+        return terms
+    phases.append(Phase(PHASE_ATTN, with_fp({
         "block weights": blk, "input chunk": act, "attention input": act + x32,
         "q/k/v (float32, rotated)": c * L * (D.H + 2 * D.Hkv) * D.dh * F32 * 2,
         "H partial": gram(D.d) + 2 * D.Hkv * D.dh * D.dh * F32,
-        "H accumulator": acc(D.d) + (2 * D.Hkv * D.dh * D.dh * F32 if hess_dev else 0)}))
+        "H accumulator": acc(D.d) + (2 * D.Hkv * D.dh * D.dh * F32 if hess_dev else 0)}, D.d, act + x32)))
     if inp.method == "boa" and inp.block_v:
         kv = max(1, g // (D.H // D.Hkv))
         phases.append(Phase(PHASE_BLOCK_V, {
@@ -238,30 +256,45 @@ def build_phases(D: Dims, inp: PlanInputs, c: int, ca: int, g: int, hess_dev: bo
             f"{g} query heads x {ca} samples per step"))
     attn_fwd = _attention_forward(c, L, D, b)
     HO = D.H * D.dh
-    phases.append(Phase(PHASE_OUT, {
+    phases.append(Phase(PHASE_OUT, with_fp({
         "block weights": blk, "input chunk": act, "attention forward": attn_fwd,
-        "out-proj input (+ float32)": c * L * HO * (b + F32), "H partial": gram(HO), "H accumulator": acc(HO)}))
-    phases.append(Phase(PHASE_MLP_IN, {
+        "out-proj input (+ float32)": c * L * HO * (b + F32), "H partial": gram(HO), "H accumulator": acc(HO)},
+        HO, c * L * HO * (b + F32))))
+    mlp_in_terms = with_fp({
         "block weights": blk, "input chunk": act, "attention forward": attn_fwd, "residual stream": 3 * act,
-        "MLP input (+ float32)": act + x32, "H partial": gram(D.d), "H accumulator": acc(D.d)}))
+        "MLP input (+ float32)": act + x32, "H partial": gram(D.d), "H accumulator": acc(D.d)}, D.d, act + x32)
+    if inp.mlp_row_group:   # the MLP-input layers' outputs and gains (float32), E[m m^T] per row block
+        gm = D.n_mlp_in * D.I * inp.mlp_row_group * F32
+        mlp_in_terms.update({"MLP gains of one sample (float32)": L * D.I * F32 * (D.n_mlp_in + 4),
+                             "E[m m^T] partial": gm, "E[m m^T] accumulator": gm if hess_dev else 0})
+    phases.append(Phase(PHASE_MLP_IN, mlp_in_terms))
     mlp = c * L * D.I * b * (D.n_mlp_in + 1)
-    phases.append(Phase(PHASE_MLP_OUT, {
+    phases.append(Phase(PHASE_MLP_OUT, with_fp({
         "block weights": blk, "input chunk": act, "residual stream": 3 * act, "MLP activations": mlp,
-        "MLP output input (+ float32)": c * L * D.I * (b + F32), "H partial": gram(D.I), "H accumulator": acc(D.I)}))
+        "MLP output input (+ float32)": c * L * D.I * (b + F32), "H partial": gram(D.I), "H accumulator": acc(D.I)},
+        D.I, c * L * D.I * (b + F32))))
     phases.append(Phase(PHASE_PROPAGATE, {
         "block weights": blk, "input + output chunk": 2 * act, "attention forward": attn_fwd,
         "MLP activations": mlp, "residual stream": 3 * act}))
     # the largest solver call of a block; V under block_v has one H_col per KV head
     worst = {}
+    mlp_rows = D.I * inp.mlp_row_group * F32 if inp.mlp_row_group else 0
     for name, (r, cc) in D.linear_shapes.items():
         nh = D.Hkv if (inp.method == "boa" and inp.block_v and name.endswith("v_proj")) else 1
         ws = solver_workspace(r, cc, nh, b, inp.search_orders and inp.method != "rtn",
-                              D.H * D.dh * D.dh * F32 if inp.method == "boa" else 0)
+                              max(D.H * D.dh * D.dh * F32, mlp_rows) if inp.method == "boa" else 0)
         if sum(ws.values()) > sum(worst.values() or [0]):
             worst, worst_name = ws, name
-    row_h = D.H * D.dh * D.dh * F32 if inp.method == "boa" else 0
-    phases.append(Phase(PHASE_SOLVE, {"block weights": blk, **worst, "H_row": row_h},
-                        f"largest: {worst_name}"))
+    row_h = max(D.H * D.dh * D.dh * F32, mlp_rows) if inp.method == "boa" else 0
+    solve = {"block weights": blk, **worst, "H_row": row_h}
+    if fp:   # the weight is corrected before the solver runs: only what exceeds its workspace counts
+        corr = max(2 * cc * cc * F32 + fp_target_workspace(r, cc) for r, cc in D.linear_shapes.values())
+        solve["fp-target correction (beyond the solver's workspace)"] = max(0, corr - sum(worst.values()) - row_h)
+    phases.append(Phase(PHASE_SOLVE, solve, f"largest: {worst_name}"))
+    if fp:
+        phases.append(Phase(PHASE_FP_PROPAGATE, {
+            "block weights": blk, "input + output chunk": 2 * act, "attention forward": attn_fwd,
+            "MLP activations": mlp, "residual stream": 3 * act}))
     return phases
 
 
@@ -292,9 +325,17 @@ def _gflops(D: Dims, inp: PlanInputs) -> dict:
         out[PHASE_BLOCK_V] = (2 * tok * L * D.H * (D.dh + D.d) + 2 * tok * D.H * D.d * D.d) / 1e9
     out[PHASE_OUT] = (qkv + attn + 2 * tok * HO * HO) / 1e9
     out[PHASE_MLP_IN] = (qkv + attn + o + 2 * tok * D.d * D.d) / 1e9
+    if inp.mlp_row_group:   # the MLP-input layers' outputs and the block-diagonal gain Grams
+        out[PHASE_MLP_IN] += (mlp_in + 2 * tok * D.I * inp.mlp_row_group * D.n_mlp_in) / 1e9
     out[PHASE_MLP_OUT] = (qkv + attn + o + mlp_in + 2 * tok * D.I * D.I) / 1e9
     grid = 2 * GRID_CANDIDATES if inp.qparam == "hessian" else 0
     out[PHASE_SOLVE] = sum((grid + 2) * r * c * c + c ** 3 for r, c in D.linear_shapes.values()) / 1e9
+    if inp.fp_targets:   # the fp stream's forward to each layer and C; the fp block's propagation;
+        # the correction W (C - H) (H + lam I)^-1: a Cholesky (C^3 / 3) and two R x C x C products
+        for ph, n in ((PHASE_ATTN, D.d), (PHASE_OUT, HO), (PHASE_MLP_IN, D.d), (PHASE_MLP_OUT, D.I)):
+            out[ph] += out[ph] - (2 * tok * D.d * (D.H + D.Hkv) * D.dh / 1e9 if ph == PHASE_ATTN and boa else 0)
+        out[PHASE_FP_PROPAGATE] = out[PHASE_PROPAGATE]
+        out[PHASE_SOLVE] += sum(c ** 3 / 3 + 4 * r * c * c for r, c in D.linear_shapes.values()) / 1e9
     return out
 
 
@@ -350,7 +391,8 @@ def make_plan(adapter: ModelAdapter, inp: PlanInputs, budget: int, cpu_budget: i
     # them without true-sequential statistics), one block staged on its way to the device,
     # calibration ids
     L, b = inp.seqlen, inp.dtype_bytes
-    acts = 2 * N * L * D.d * b if inp.calibration else 0
+    streams = 2 if inp.fp_targets else 1           # --fp-targets: the fp model's activations as well
+    acts = streams * 2 * N * L * D.d * b if inp.calibration else 0
     held = host_hessians_by_phase(D, inp)
     hess_host = max(held.values(), default=0)
     cpu_terms = {"activations (in + out)": acts, "Hessians on host": hess_host,
@@ -359,7 +401,7 @@ def make_plan(adapter: ModelAdapter, inp: PlanInputs, budget: int, cpu_budget: i
     if cpu_budget is not None and sum(cpu_terms.values()) > cpu_budget * SAFETY and acts:
         on_disk = True
         cpu_terms["activations (in + out)"] = 0
-        cpu_terms["activation chunks in flight (disk memmap)"] = 2 * c * L * D.d * b
+        cpu_terms["activation chunks in flight (disk memmap)"] = streams * 2 * c * L * D.d * b
     if cpu_budget is not None and sum(cpu_terms.values()) > cpu_budget * SAFETY:
         top = sorted(cpu_terms.items(), key=lambda kv: -kv[1])[:3]
         raise PlanError(f"host budget {fmt_bytes(cpu_budget)} is too small even with activations on "
@@ -385,9 +427,13 @@ def host_hessians_by_phase(D: Dims, inp: PlanInputs) -> dict:
     qkv = D.d * D.d * F32
     v = D.Hkv * D.d * D.d * F32 if inp.method == "boa" and inp.block_v else 0
     o, mlp_in, mlp_out = (D.H * D.dh) ** 2 * F32, D.d * D.d * F32, D.I * D.I * F32
+    if inp.mlp_row_group:    # E[m m^T] (then the row Hessian) of each MLP-input layer, row blocks only
+        mlp_in += D.n_mlp_in * D.I * inp.mlp_row_group * F32
     if inp.method == "rtn":
         big = max(qkv, o, mlp_out)
         return {PHASE_ATTN: big, PHASE_OUT: big, PHASE_MLP_IN: big, PHASE_MLP_OUT: big, PHASE_SOLVE: big}
+    if inp.fp_targets:   # one pass; every H has its C = X_fp X~^T (V under block_v uses q/k/v's)
+        qkv, o, mlp_in, mlp_out = 2 * qkv, 2 * o, 2 * mlp_in, 2 * mlp_out
     if inp.true_sequential:
         first = qkv + v
         return {PHASE_ATTN: qkv, PHASE_BLOCK_V: first, PHASE_OUT: first + o, PHASE_MLP_IN: first + mlp_in,
@@ -419,7 +465,8 @@ def disk_plan(D: Dims, inp: PlanInputs, activations_on_disk: bool) -> tuple[dict
     state = D.n_blocks * (codes + sum(r * n_groups[k] * 2 * F32 for k, (r, c) in D.linear_shapes.items()) + other)
     packed_blocks = D.n_blocks * (codes + other + sum(r * (n_groups[k] * F32 + -(-n_groups[k] * bits // 8))
                                                       for k, (r, c) in D.linear_shapes.items()))
-    acts = 2 * inp.nsamples * inp.seqlen * D.d * b if activations_on_disk and inp.calibration else 0
+    streams = 2 if inp.fp_targets else 1
+    acts = streams * 2 * inp.nsamples * inp.seqlen * D.d * b if activations_on_disk and inp.calibration else 0
     rest = D.embed_params + D.head_params + 2 * D.d              # + the final norm (weight and bias at most)
     fake = (D.n_blocks * D.block_params + rest) * b if inp.fake_quant else 0
     packed = packed_blocks + rest * b

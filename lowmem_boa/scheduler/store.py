@@ -1,6 +1,7 @@
 """Host-side storage of the calibration activations between blocks: RAM or a disk memmap.
 
-Two slots of ``(N, L, d)`` (a block's inputs and its outputs) are swapped after every block.
+Two slots of ``(N, L, d)`` (a block's inputs and its outputs) are swapped after every block; with
+``fp_stream`` (``--fp-targets``) two more hold the full-precision model's own activations.
 With ``on_disk`` each slot is a raw file in the work directory mapped with numpy; chunks read
 from it are views into the page cache, so host RAM holds only the chunks in flight.
 """
@@ -44,17 +45,26 @@ class ActivationStore:
     """Inputs of the current block and outputs it produces, swapped by :meth:`advance`."""
 
     def __init__(self, nsamples: int, seqlen: int, hidden: int, dtype: torch.dtype,
-                 work_dir: Path | None = None, on_disk: bool = False):
+                 work_dir: Path | None = None, on_disk: bool = False, fp_stream: bool = False):
         shape = (nsamples, seqlen, hidden)
         self.nsamples = nsamples
         self.on_disk = on_disk
         mk = (lambda name: work_dir / name) if on_disk else (lambda name: None)
         self.inputs = ActivationSlot(shape, dtype, mk("activations_a.bin"))
         self.outputs = ActivationSlot(shape, dtype, mk("activations_b.bin"))
+        self.fp_inputs = ActivationSlot(shape, dtype, mk("activations_fp_a.bin")) if fp_stream else None
+        self.fp_outputs = ActivationSlot(shape, dtype, mk("activations_fp_b.bin")) if fp_stream else None
+
+    @property
+    def fp_stream(self) -> bool:
+        return self.fp_inputs is not None
 
     def advance(self) -> None:
         self.inputs, self.outputs = self.outputs, self.inputs
+        if self.fp_stream:
+            self.fp_inputs, self.fp_outputs = self.fp_outputs, self.fp_inputs
 
     def close(self) -> None:
-        self.inputs.close()
-        self.outputs.close()
+        for slot in (self.inputs, self.outputs, self.fp_inputs, self.fp_outputs):
+            if slot is not None:
+                slot.close()

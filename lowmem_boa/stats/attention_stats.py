@@ -29,6 +29,14 @@ def gram(x: torch.Tensor) -> torch.Tensor:
     return x2.T @ x2
 
 
+def cross_gram(x_fp: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``sum_t x_fp,t x_t^T`` (``C`` of ``--fp-targets``): the full-precision model's layer input
+    against the quantized model's, token by token, in float32."""
+    a = x_fp.reshape(-1, x_fp.shape[-1]).float()
+    b = x.reshape(-1, x.shape[-1]).float()
+    return a.T @ b
+
+
 def attention_grams(states: AttentionStates, n_rep: int):
     """Per KV head: ``G_k = sum k k^T`` and ``G_q = sum over its query heads of q q^T``.
 

@@ -1,0 +1,46 @@
+"""Full-precision targets for a layer whose input is already perturbed (asymmetric calibration).
+
+A layer of the quantized model sees the input ``X~`` produced by the quantized layers before it,
+while the full-precision model feeds the same layer ``X``. GPTQ and BoA minimise
+``||(Q - W) X~||`` — they reproduce the fp *layer* on the perturbed input. Fitting the fp *model*
+instead means minimising ``||Q X~ - W X||`` (GPTAQ's asymmetric calibration). With
+``H = X~ X~^T`` and ``C = X X~^T`` (both means over tokens):
+
+    ||Q X~ - W X||^2 = tr((Q - W') H (Q - W')^T) + const,   W' = W C H^{-1},
+
+so any solver of the symmetric objective, run on the corrected weight ``W'`` with the same
+``H``, minimises the asymmetric one — also under a row Hessian (BoA's Kronecker objective
+``tr(H_row (Q X~ - W X)(Q X~ - W X)^T)`` has the same minimiser shift). With damping
+``lam * I`` (``lam = percdamp * mean diag(H)``, as the solvers damp ``H``) the ridge solution is
+taken towards the original weight rather than towards 0:
+
+    W' = argmin ||Q X~ - W X||^2 + lam ||Q - W||^2 = W + W (C - H) (H + lam I)^{-1},
+
+which is exactly ``W`` when the input is unperturbed (``C = H``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def fp_target_weight(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, percdamp: float = 0.01) -> torch.Tensor:
+    """``W + W (C - H) (H + lam I)^{-1}`` in float32 (or float64) (``W``: ``(R, D)``; ``H``, ``C``: ``(D, D)``).
+
+    ``H`` and ``C`` are not modified. Dead input channels (zero diagonal of ``H``) get a unit
+    diagonal as in the solvers; their column of ``C - H`` is zero, so they keep ``W``'s column.
+    Returns the corrected weight in ``W``'s dtype.
+    """
+    f = torch.promote_types(W.dtype, torch.float32)     # float32 (float64 stays float64)
+    Hd = H.to(f).clone()
+    diag = torch.diagonal(Hd)
+    diag[diag == 0] = 1.0
+    diag.add_(percdamp * diag.mean())
+    D = C.to(f) - H.to(f)
+    rhs = (W.to(f) @ D).T                       # (D, R): solve Hd^T Z = (W D)^T, Hd symmetric
+    L, info = torch.linalg.cholesky_ex(Hd)
+    if int(info) == 0:
+        Z = torch.cholesky_solve(rhs, L)
+    else:                                         # not positive definite in float32: least squares
+        Z = torch.linalg.lstsq(Hd, rhs).solution
+    return (W.to(f) + Z.T).to(W.dtype)

@@ -1,0 +1,116 @@
+"""``--fp-targets`` (asymmetric calibration): the weight correction's algebra against brute force,
+and the pipeline's second activation stream (block 0 unchanged, later blocks corrected, resume
+bit-identical, planned)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lowmem_boa.checkpoint import RunState
+from lowmem_boa.config import QuantConfig, RunOptions
+from lowmem_boa.models import get_adapter
+from lowmem_boa.pipeline import quantize_model
+from lowmem_boa.scheduler import PlanInputs, make_plan
+from lowmem_boa.solvers.target import fp_target_weight
+from lowmem_boa.ui import Console
+
+from tiny_models import DATA, needs_shared, save_tiny_model, tiny_config
+
+
+def _problem(seed=0, R=5, D=7, T=40, noise=0.3):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(D, T, generator=g, dtype=torch.float64)            # fp model's layer input
+    Xq = X + noise * torch.randn(D, T, generator=g, dtype=torch.float64)   # quantized model's
+    W = torch.randn(R, D, generator=g, dtype=torch.float64)
+    return W, X, Xq, (Xq @ Xq.T) / T, (X @ Xq.T) / T
+
+
+def test_symmetric_objective_on_the_corrected_weight_equals_the_asymmetric_one():
+    """Without damping ``||Q X~ - W X||^2 - ||(Q - W') X~||^2`` is the same for every Q."""
+    W, X, Xq, H, C = _problem()
+    Wp = fp_target_weight(W, H, C, percdamp=0.0)
+    g = torch.Generator().manual_seed(1)
+    gaps = []
+    for _ in range(4):
+        Q = torch.randn(W.shape, generator=g, dtype=torch.float64)
+        asym = ((Q @ Xq - W @ X) ** 2).sum()
+        sym = (((Q - Wp) @ Xq) ** 2).sum()
+        gaps.append(float(asym - sym))
+    assert max(gaps) - min(gaps) < 1e-8 * abs(gaps[0]) + 1e-9, gaps
+
+
+def test_damped_correction_is_the_ridge_solution_towards_the_original_weight():
+    """With ``lam = percdamp * mean diag(H)``, W' minimises ``mean||Q X~ - W X||^2 + lam ||Q - W||^2``:
+    the gradient vanishes there."""
+    W, X, Xq, H, C = _problem(seed=2)
+    T = X.shape[1]
+    p = 0.05
+    Wp = fp_target_weight(W, H, C, percdamp=p)
+    lam = p * torch.diagonal(H).mean()
+    grad = (Wp @ Xq - W @ X) @ Xq.T / T + lam * (Wp - W)
+    assert float(grad.abs().max()) < 1e-10
+
+
+def test_unperturbed_input_leaves_the_weight_unchanged_and_dead_channels_keep_their_column():
+    W, X, _, H, _ = _problem(seed=3)
+    assert torch.equal(fp_target_weight(W, H, H.clone()), W)
+    W, X, Xq, H, C = _problem(seed=4)
+    H[2, :], H[:, 2], C[2, :], C[:, 2] = 0, 0, 0, 0   # channel 2 never active in either model
+    Wp = fp_target_weight(W, H, C, percdamp=0.01)
+    assert torch.equal(Wp[:, 2], W[:, 2])
+    assert torch.isfinite(Wp).all() and not torch.allclose(Wp, W)
+
+
+def test_fp_targets_are_planned():
+    adapter = get_adapter(tiny_config("llama"))
+    common = dict(method="boa", calibration=True, nsamples=8, seqlen=32, dtype_bytes=4, device_type="cpu")
+    plain = make_plan(adapter, PlanInputs(**common), 2 ** 30, 2 ** 32)
+    fpt = make_plan(adapter, PlanInputs(**common, fp_targets=True), 2 ** 30, 2 ** 32)
+    assert fpt.cpu_terms["activations (in + out)"] == 2 * plain.cpu_terms["activations (in + out)"]
+    assert fpt.cpu_terms["Hessians on host"] > plain.cpu_terms["Hessians on host"]
+    assert "fp stream (full-precision block forward)" in [p.name for p in fpt.phases]
+    assert "C partial" in fpt.phase("MLP-output statistics").terms
+    assert fpt.gflop_per_block["MLP-output statistics"] > plain.gflop_per_block["MLP-output statistics"]
+
+
+def test_fp_targets_refuse_what_they_cannot_do():
+    for kw in (dict(method="rtn"), dict(method="boa", true_sequential=True)):
+        with pytest.raises(ValueError, match="--fp-targets"):
+            QuantConfig(model="m", fp_targets=True, **kw).validate()
+
+
+def _quant(model_dir, out, **kw):
+    qc = QuantConfig(model=str(model_dir), wbits=2, nsamples=6, seqlen=48, **kw)
+    ro = RunOptions(output=str(out), device="cpu", data_dir=DATA, progress=False)
+    return quantize_model(qc, ro, Console(progress=False))
+
+
+@needs_shared
+@pytest.mark.parametrize("method", ["gptq", "boa"])
+def test_pipeline_fp_targets_correct_later_blocks_and_resume_bit_identically(tmp_path, method):
+    """Block 0 sees the same input in both models, so its result is exactly the plain run's; later
+    blocks are fitted to the fp model and differ. A resumed run replays both streams: dropping block 2
+    and rerunning gives the same checkpoint bit for bit."""
+    model = save_tiny_model("llama", tmp_path / "m", seed=5, n_layers=3)
+    plain, fpt = tmp_path / "plain", tmp_path / "fpt"
+    _quant(model, plain, method=method)
+    report = _quant(model, fpt, method=method, fp_targets=True)
+    assert "fp stream (full-precision block forward)" in report["blocks"]["1"]["phase_seconds"]
+    a0, b0 = RunState(plain).load_block(0)[0], RunState(fpt).load_block(0)[0]
+    for k in a0:
+        assert torch.equal(a0[k], b0[k]), k
+    a2, b2 = RunState(plain).load_block(2)[0], RunState(fpt).load_block(2)[0]
+    assert not torch.equal(a2["mlp.down_proj.weight"], b2["mlp.down_proj.weight"])
+
+    ref = load_file(fpt / "model.safetensors")
+    blk = fpt / "quant_state" / "block_0002.safetensors"
+    blk.write_bytes(blk.read_bytes()[:100])
+    _quant(model, fpt, method=method, fp_targets=True)
+    assert json.loads((fpt / "quant_report.json").read_text())["resumed_from_block"] == 2
+    again = load_file(fpt / "model.safetensors")
+    for k in ref:
+        assert torch.equal(ref[k], again[k]), k

@@ -1,0 +1,122 @@
+"""``--mlp-row-hessian``: the MLP-input layers' row Hessians against brute force, the adapters'
+gains against the model's own forward, and the block-diagonal grouping."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowmem_boa.forward import capture_input
+from lowmem_boa.models import get_adapter
+from lowmem_boa.scheduler import PlanInputs, make_plan
+from lowmem_boa.stats import gain_grams, mlp_row_group, mlp_row_hessian
+
+from tiny_models import needs_shared, save_tiny_model, tiny_config, tiny_model
+from test_stats import _block_inputs
+
+
+def test_one_token_row_hessian_is_exact():
+    """For one token ``||W_out (m * dW x)||^2 = tr(dW x x^T dW^T H_row)``, H_row = (W_out^T W_out) * m m^T."""
+    g = torch.Generator().manual_seed(0)
+    d, I, D = 6, 10, 7
+    W_out = torch.randn(d, I, generator=g, dtype=torch.float64)
+    m = torch.randn(1, I, generator=g, dtype=torch.float64)
+    dW = torch.randn(I, D, generator=g, dtype=torch.float64)
+    x = torch.randn(D, 1, generator=g, dtype=torch.float64)
+    H_row = mlp_row_hessian(gain_grams(m, I), W_out)[0]
+    lhs = ((W_out @ (m.T * (dW @ x))) ** 2).sum()
+    rhs = torch.trace(dW @ x @ x.T @ dW.T @ H_row)
+    assert torch.allclose(lhs, rhs.to(lhs.dtype), rtol=1e-10)
+
+
+def test_groups_are_the_diagonal_blocks_of_the_full_row_hessian():
+    g = torch.Generator().manual_seed(1)
+    T, I, d, grp = 9, 12, 5, 4
+    m = torch.randn(T, I, generator=g)
+    W_out = torch.randn(d, I, generator=g)
+    full = mlp_row_hessian(gain_grams(m, I), W_out)[0]
+    blocks = mlp_row_hessian(gain_grams(m, grp), W_out)
+    assert blocks.shape == (I // grp, grp, grp)
+    for b in range(I // grp):
+        sl = slice(b * grp, (b + 1) * grp)
+        torch.testing.assert_close(blocks[b], full[sl, sl], rtol=1e-5, atol=1e-5)
+    assert [mlp_row_group(I, n) for I, n in ((172, 128), (11008, 128), (64, 128), (13, 8), (18944, 128))] == \
+        [86, 128, 64, 1, 128]
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_gains_are_the_mlp_output_layers_input_sensitivity(family):
+    """Perturbing one MLP-input layer's weight by ``dW`` changes the MLP-output layer's input by
+    ``m * (dW x)`` to first order (exactly, for ``up``)."""
+    model = tiny_model(family, seed=2)
+    adapter = get_adapter(model.config)
+    ids = torch.randint(2, 8192, (2, 12), generator=torch.Generator().manual_seed(2))
+    block, h, kw = _block_inputs(model, ids)
+    with torch.no_grad():
+        x = capture_input(block, adapter.mlp_in[0], h, kw)
+        gains = adapter.mlp_gains(block, x)
+        assert set(gains) == set(adapter.mlp_in)
+        h0 = capture_input(block, adapter.mlp_out, h, kw).double()
+        for name in adapter.mlp_in:
+            lin = block.get_submodule(name)
+            dW = 1e-4 * torch.randn(lin.weight.shape, generator=torch.Generator().manual_seed(3))
+            lin.weight += dW
+            h1 = capture_input(block, adapter.mlp_out, h, kw).double()
+            lin.weight -= dW
+            pred = gains[name].double() * (x.reshape(-1, x.shape[-1]).double() @ dW.double().T)
+            err = (h1.reshape(pred.shape) - h0.reshape(pred.shape) - pred).norm() / pred.norm()
+            assert err < 2e-2, (name, float(err))
+
+
+def test_mlp_row_hessian_is_planned():
+    adapter = get_adapter(tiny_config("llama"))
+    common = dict(method="boa", calibration=True, nsamples=8, seqlen=32, dtype_bytes=4, device_type="cpu")
+    plain = make_plan(adapter, PlanInputs(**common), 2 ** 30, 2 ** 32)
+    rows = make_plan(adapter, PlanInputs(**common, mlp_row_group=16), 2 ** 30, 2 ** 32)
+    assert "E[m m^T] partial" in rows.phase("MLP-input statistics").terms
+    assert rows.cpu_terms["Hessians on host"] > plain.cpu_terms["Hessians on host"]
+    assert rows.gflop_per_block["MLP-input statistics"] > plain.gflop_per_block["MLP-input statistics"]
+
+
+def _quant(model_dir, out, **kw):
+    from lowmem_boa.checkpoint import RunState
+    from lowmem_boa.config import QuantConfig, RunOptions
+    from lowmem_boa.pipeline import quantize_model
+    from lowmem_boa.ui import Console
+    from tiny_models import DATA
+    qc = QuantConfig(model=str(model_dir), wbits=2, nsamples=6, seqlen=48, **kw)
+    quantize_model(qc, RunOptions(output=str(out), device="cpu", data_dir=DATA, progress=False), Console(progress=False))
+    return RunState(out).load_block(0, codes=True)[0]
+
+
+@needs_shared
+def test_pipeline_mlp_rows_change_only_the_mlp_input_layers(tmp_path):
+    """One-pass statistics: only gate/up see the row Hessian; everything else is the plain BoA run's.
+    With 1-row groups the row Hessian is diagonal, the rows decouple and gate/up are GPTQ's codes."""
+    model = save_tiny_model("llama", tmp_path / "m", seed=5, n_layers=1)
+    plain = _quant(model, tmp_path / "a", method="boa", mlp_row_hessian=False)
+    rows = _quant(model, tmp_path / "b", method="boa", mlp_row_hessian=True)
+    diag = _quant(model, tmp_path / "c", method="boa", mlp_row_hessian=True, mlp_row_group=1)
+    for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.down_proj"):
+        assert torch.equal(plain[f"{n}.weight"], rows[f"{n}.weight"]), n
+    for n in ("mlp.gate_proj", "mlp.up_proj"):
+        assert (plain[f"{n}.qcodes"] != rows[f"{n}.qcodes"]).float().mean() > 0.05, n
+        agree = (plain[f"{n}.qcodes"] == diag[f"{n}.qcodes"]).float().mean().item()
+        assert agree > 0.99, (n, agree)
+
+
+@needs_shared
+def test_mlp_rows_default_on_up_to_three_bits_and_says_so():
+    from lowmem_boa.config import QuantConfig, RunOptions
+    from lowmem_boa.pipeline import prepare_run
+    from tiny_models import SHARED
+    model = str(SHARED / "models" / "stories260K")
+    for method, bits, expect in (("boa", 2, True), ("boa", 3, True), ("boa", 4, False), ("gptq", 2, False)):
+        qc = QuantConfig(model=model, method=method, wbits=bits)
+        prep = prepare_run(qc, RunOptions(device="cpu", plan_only=True, progress=False))
+        assert qc.mlp_row_hessian is expect, (method, bits)
+        said = [n for n in prep.notes if "MLP-input layers" in n]
+        assert len(said) == (method == "boa"), prep.notes
+        assert (prep.plan.inputs.mlp_row_group == 86) is expect     # 172 rows: groups of 86
+    qc = QuantConfig(model=model, method="boa", wbits=4, mlp_row_hessian=True)
+    assert prepare_run(qc, RunOptions(device="cpu", plan_only=True, progress=False)).plan.inputs.mlp_row_group == 86
