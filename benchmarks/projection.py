@@ -15,7 +15,10 @@ An ESTIMATE, not a measurement. Inputs:
   for the block forward (propagate);
 * assumption 2: the solvers' sequential column loop has a latency floor on a GPU: ``--step-us``
   microseconds per column step (a few small kernel launches); GPTQ layers take ``C`` steps, BoA's
-  q/k/v ``head_dim x C`` (one OPTQ sweep per row index of all heads, docs/performance.md);
+  q/k/v ``head_dim x C`` (one OPTQ sweep per row index of all heads, docs/performance.md), and with
+  BoA's MLP row Hessians (the default at 2 bits) gate/up ``group x C`` (128 rows per group at 7B);
+* the MLP row Hessians' extra statistics (the MLP-input layers' outputs and gain Grams, in the planner's
+  FLOP count) run at the MLP-input phase's measured efficiency: the scale run predates them;
 * vendor peak numbers (dense, no sparsity): P100 PCIe 9.3 / 18.7, T4 8.1 / 65, A100 SXM 19.5 / 312,
   H100 SXM 67 / 989 TFLOP/s (float32 / float16 tensor).
 
@@ -58,12 +61,18 @@ def main(argv=None):
     ap.add_argument("--step-us", type=float, default=20.0)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "projection.json")
     args = ap.parse_args(argv)
+    from lowmem_boa.config import QuantConfig
     from lowmem_boa.models import get_adapter
     from lowmem_boa.scheduler import PlanInputs, load_config, make_plan
+    from lowmem_boa.stats import mlp_row_group
     adapter = get_adapter(load_config(str(REPO / "configs" / "llama-2-7b.json")))
-    plan = make_plan(adapter, PlanInputs(method="boa", calibration=True, nsamples=128, seqlen=2048, dtype_bytes=2,
-                                         qparam="hessian"), 14 * 2 ** 30, 24 * 2 ** 30)
-    gflop = plan.gflop_per_block
+    group = mlp_row_group(adapter.intermediate_size, QuantConfig(model="").mlp_row_group)
+
+    def plan_gflop(rows):
+        return make_plan(adapter, PlanInputs(method="boa", calibration=True, nsamples=128, seqlen=2048,
+                                             dtype_bytes=2, qparam="hessian", mlp_row_group=rows),
+                         14 * 2 ** 30, 24 * 2 ** 30).gflop_per_block
+
     run = json.loads(args.scale.read_text())["runs"][args.run]
     peak = cpu_peak()
     eff = {}
@@ -75,28 +84,41 @@ def main(argv=None):
     grid_flop = (2 * 160 + 2) * 4096 ** 3 + 4096 ** 3
     eff[SOLVE] = grid_flop / row["boa_s"] / 1e9 / peak
     h = adapter.heads
-    steps = sum(c * (h.head_dim if name in (adapter.q_proj, adapter.k_proj, adapter.v_proj) else 1)
-                for name, (r, c) in adapter.linear_shapes().items())
-    out = {"cpu_peak_gflops": peak, "efficiency": eff, "gflop_per_block": gflop, "sequential_steps_per_block": steps,
-           "step_us": args.step_us, "gpus": {}}
-    for gpu, (fp32, fp16) in GPUS.items():
+
+    def steps(rows):
+        per_row = {adapter.q_proj: h.head_dim, adapter.k_proj: h.head_dim, adapter.v_proj: h.head_dim,
+                   **({n: rows for n in adapter.mlp_in} if rows else {})}
+        return sum(c * per_row.get(name, 1) for name, (r, c) in adapter.linear_shapes().items())
+
+    def project(gflop, n_steps, fp32, fp16):
         per_phase = {}
         for phase, g in gflop.items():
             rate = (fp16 if phase == FORWARD else fp32) * eff.get(phase, min(eff.values()))
             per_phase[phase] = g / rate
-        floor = steps * args.step_us * 1e-6
-        per_phase[SOLVE] = max(per_phase[SOLVE], 0) + floor
-        total = adapter.n_blocks * sum(per_phase.values())
-        out["gpus"][gpu] = {"seconds_per_block": per_phase, "minutes_total": total / 60}
+        per_phase[SOLVE] += n_steps * args.step_us * 1e-6
+        return per_phase, adapter.n_blocks * sum(per_phase.values()) / 60
+
+    variants = {"default": group, "paper": None}   # BoA's default at 2 bits; the paper's BoA (--no-mlp-row-hessian)
+    gflop = plan_gflop(group)
+    out = {"cpu_peak_gflops": peak, "efficiency": eff, "mlp_row_group": group, "step_us": args.step_us,
+           "gflop_per_block": {k: plan_gflop(v) for k, v in variants.items()},
+           "sequential_steps_per_block": {k: steps(v) for k, v in variants.items()}, "gpus": {}}
+    for gpu, (fp32, fp16) in GPUS.items():
+        per_phase, total = project(gflop, steps(group), fp32, fp16)
+        _, total_paper = project(plan_gflop(None), steps(None), fp32, fp16)
+        out["gpus"][gpu] = {"seconds_per_block": per_phase, "minutes_total": total,
+                            "minutes_total_paper_boa": total_paper}
     args.out.write_text(json.dumps(out, indent=1))
     print(f"CPU float32 matmul peak here: {peak:.0f} GFLOP/s; efficiencies: "
           + ", ".join(f"{k} {v:.2f}" for k, v in eff.items()))
-    print(f"\n| GPU | " + " | ".join(gflop) + " | total, 32 blocks |")
-    print("|---|" + "---|" * (len(gflop) + 1))
+    print(f"MLP row groups of {group}; GFLOP per block: "
+          + ", ".join(f"{k} {v:,.0f}" for k, v in gflop.items())
+          + f"; sequential column steps per block: {steps(group):,} ({steps(None):,} for the paper's BoA)")
+    print(f"\n| GPU | " + " | ".join(gflop) + " | total, 32 blocks | paper's BoA (--no-mlp-row-hessian) |")
+    print("|---|" + "---|" * (len(gflop) + 2))
     for gpu, v in out["gpus"].items():
         print(f"| {gpu} | " + " | ".join(f"{v['seconds_per_block'][p]:.1f} s" for p in gflop)
-              + f" | **{v['minutes_total']:.0f} min** |")
-
+              + f" | **{v['minutes_total']:.0f} min** | {v['minutes_total_paper_boa']:.0f} min |")
 
 if __name__ == "__main__":
     main()
