@@ -33,7 +33,7 @@ from .scheduler.store import ActivationStore
 from .solvers import boa_quantize, gptq_quantize, rtn_quantize
 from .solvers.objective import attention_loss, layer_loss
 from .solvers.target import fp_target_weight
-from .stats import (attention_grams, block_v_grams, cross_gram, gain_grams, gram, mlp_row_group, mlp_row_hessian,
+from .stats import (attention_grams, block_v_grams, cross_gram, gain_grams, gram, mlp_row_hessian,
                     qk_row_hessians, wout_row_hessian)
 
 
@@ -301,9 +301,8 @@ class BlockQuantizer:
                 self.phase_seconds[PHASE_FP_PROPAGATE] = self.propagate(block, store, fp=True)
             H_qkv, C_qkv, rows = self.attention_statistics(block, store)
             H_v = self.block_v_statistics(block, store) if qc.method == "boa" and qc.block_v else H_qkv
-            group = mlp_row_group(a.intermediate_size, qc.mlp_row_group) \
-                if qc.method == "boa" and qc.mlp_row_hessian else None
-            gains = {a.mlp_in[0]: group}
+            # BoA's MLP row Hessians: the row-group size the plan budgeted (None: off)
+            gains = {a.mlp_in[0]: self.plan.inputs.mlp_row_group}
             early = {} if qc.true_sequential else {
                 name: self._column_hessian(block, store, name, phase, gains.get(name)) for name, phase in later.items()}
 
