@@ -273,9 +273,9 @@ def build_phases(D: Dims, inp: PlanInputs, c: int, ca: int, g: int, hess_dev: bo
         "block weights": blk, "input chunk": act, "residual stream": 3 * act, "MLP activations": mlp,
         "MLP output input (+ float32)": c * L * D.I * (b + F32), "H partial": gram(D.I), "H accumulator": acc(D.I)},
         D.I, c * L * D.I * (b + F32))))
-    phases.append(Phase(PHASE_PROPAGATE, {
-        "block weights": blk, "input + output chunk": 2 * act, "attention forward": attn_fwd,
-        "MLP activations": mlp, "residual stream": 3 * act}))
+    propagate = {"block weights": blk, "input + output chunk": 2 * act, "attention forward": attn_fwd,
+                 "MLP activations": mlp, "residual stream": 3 * act}
+    phases.append(Phase(PHASE_PROPAGATE, propagate))
     # the largest solver call of a block; V under block_v has one H_col per KV head
     worst = {}
     mlp_rows = D.I * inp.mlp_row_group * F32 if inp.mlp_row_group else 0
@@ -291,10 +291,8 @@ def build_phases(D: Dims, inp: PlanInputs, c: int, ca: int, g: int, hess_dev: bo
         corr = max(2 * cc * cc * F32 + fp_target_workspace(r, cc) for r, cc in D.linear_shapes.values())
         solve["fp-target correction (beyond the solver's workspace)"] = max(0, corr - sum(worst.values()) - row_h)
     phases.append(Phase(PHASE_SOLVE, solve, f"largest: {worst_name}"))
-    if fp:
-        phases.append(Phase(PHASE_FP_PROPAGATE, {
-            "block weights": blk, "input + output chunk": 2 * act, "attention forward": attn_fwd,
-            "MLP activations": mlp, "residual stream": 3 * act}))
+    if fp:   # the full-precision block's forward on the fp stream: the same footprint
+        phases.append(Phase(PHASE_FP_PROPAGATE, dict(propagate)))
     return phases
 
 
@@ -332,7 +330,7 @@ def _gflops(D: Dims, inp: PlanInputs) -> dict:
     out[PHASE_SOLVE] = sum((grid + 2) * r * c * c + c ** 3 for r, c in D.linear_shapes.values()) / 1e9
     if inp.fp_targets:   # the fp stream's forward to each layer and C; the fp block's propagation;
         # the correction W (C - H) (H + lam I)^-1: a Cholesky (C^3 / 3) and two R x C x C products
-        for ph, n in ((PHASE_ATTN, D.d), (PHASE_OUT, HO), (PHASE_MLP_IN, D.d), (PHASE_MLP_OUT, D.I)):
+        for ph in (PHASE_ATTN, PHASE_OUT, PHASE_MLP_IN, PHASE_MLP_OUT):
             out[ph] += out[ph] - (2 * tok * D.d * (D.H + D.Hkv) * D.dh / 1e9 if ph == PHASE_ATTN and boa else 0)
         out[PHASE_FP_PROPAGATE] = out[PHASE_PROPAGATE]
         out[PHASE_SOLVE] += sum(c ** 3 / 3 + 4 * r * c * c for r, c in D.linear_shapes.values()) / 1e9
