@@ -504,7 +504,7 @@ def make_eval_plan(adapter: ModelAdapter, n_windows: int, seqlen: int, dtype_byt
     def phases(c, s):
         base = {p.name: p for p in build_phases(D, inp, c, 1, D.H // D.Hkv, False)}
         head = Phase(PHASE_HEAD, {"LM head weights": head_w, "hidden chunk": c * L * D.d * b,
-                                  "logits + log-probabilities (float32)": 3 * s * D.V * F32})
+                                  "logits + log-probabilities (float32)": 3 * c * s * D.V * F32})
         return [base[PHASE_EMBED], base[PHASE_PROPAGATE], head]
 
     def fits(c, s):
