@@ -10,7 +10,7 @@ import torch
 
 from lowmem_boa.config import QuantConfig, RunOptions
 from lowmem_boa.data import eval_windows, load_source
-from lowmem_boa.eval import streaming_nll
+from lowmem_boa.eval import attention_output_errors, streaming_nll
 from lowmem_boa.export.formats import export_run
 from lowmem_boa.pipeline import quantize_model
 from lowmem_boa.ui import Console
@@ -47,6 +47,47 @@ def test_streaming_perplexity_equals_brute_force(quantized):
         res = streaming_nll(d, windows, torch.device("cpu"), 2 ** 30)
         assert res["tokens"] == 6 * 63
         assert abs(res["nll"] - _brute_nll(d, windows)) < 1e-4
+
+
+def test_block_errors_equal_brute_force(quantized):
+    """Per block: attention-output, whole-block and per-layer errors of the quantized model on the
+    original model's block inputs, against hooks on plain transformers models."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    fp, q, _ = quantized
+    windows = eval_windows(AutoTokenizer.from_pretrained(fp), load_source("wikitext2", "valid", DATA), 32, 3)
+    ours = attention_output_errors(fp, q, windows, torch.device("cpu"), 2 ** 30)
+    mf = AutoModelForCausalLM.from_pretrained(fp, dtype=torch.float64).eval()
+    mq = AutoModelForCausalLM.from_pretrained(q, dtype=torch.float64).eval()
+    with torch.no_grad():
+        hs = mf(windows, output_hidden_states=True).hidden_states
+        pos = torch.arange(windows.shape[1])[None]
+        emb = mf.model.rotary_emb(hs[0], pos)
+        for i, res in enumerate(ours):
+            bf, bq = mf.model.layers[i], mq.model.layers[i]
+            x = hs[i]
+            ins = {}
+            hooks = [m.register_forward_pre_hook(lambda m, a, n=n: ins.__setitem__(n, a[0]))
+                     for n, m in bf.named_modules() if isinstance(m, torch.nn.Linear)]
+            kw = dict(position_embeddings=emb, attention_mask=None)
+            yf = bf(x, **kw)
+            yf = yf[0] if isinstance(yf, tuple) else yf
+            for h in hooks:
+                h.remove()
+            yq = bq(x, **kw)
+            yq = yq[0] if isinstance(yq, tuple) else yq
+            assert res["block_rel_error"] == pytest.approx(float((yq - yf).pow(2).sum() / (yf - x).pow(2).sum()),
+                                                           rel=1e-3)
+            assert set(res["layers"]) == set(ins)
+            for n, xin in ins.items():
+                W, Q = bf.get_submodule(n).weight, bq.get_submodule(n).weight
+                H = xin.reshape(-1, xin.shape[-1]).T @ xin.reshape(-1, xin.shape[-1])
+                dW = Q - W
+                want = float(torch.trace(dW @ H @ dW.T) / torch.trace(W @ H @ W.T))
+                assert res["layers"][n] == pytest.approx(want, rel=1e-3), n
+                assert 0 < want < 1
+    # the original model against itself: no error anywhere
+    same = attention_output_errors(fp, fp, windows, torch.device("cpu"), 2 ** 30)
+    assert all(r["rel_error"] == 0 and r["block_rel_error"] == 0 and not any(r["layers"].values()) for r in same)
 
 
 def _eval(*args):
@@ -105,3 +146,20 @@ def test_zero_shot_with_a_local_task(quantized, tmp_path):
         assert 0.0 <= res["acc"] <= 1.0
         accs.append(res["acc"])
     assert accs[0] == accs[1]      # the packed model computes exactly what the fake-quant one does
+
+
+def test_eval_plan_counts_the_logits_of_every_window_in_a_chunk(quantized):
+    """The head phase holds ``chunk x head_tokens`` logits (plus log-probabilities) at once: a
+    large-vocabulary evaluation must shrink its chunk to the budget (it once ran out of host RAM)."""
+    from lowmem_boa.models import get_adapter
+    from lowmem_boa.scheduler import load_config
+    from lowmem_boa.scheduler.planner import PHASE_HEAD, make_eval_plan
+    config = load_config(str(quantized[0]))
+    adapter, vocab = get_adapter(config), config.vocab_size
+    budget = 64 * 2 ** 20
+    plan = make_eval_plan(adapter, 64, 512, 4, budget)
+    assert plan.peak <= budget
+    held = plan.chunk * plan.head_tokens * vocab * 4
+    assert 3 * held == plan.phase(PHASE_HEAD).terms["logits + log-probabilities (float32)"]
+    assert 2 * held <= budget         # logits and their log-softmax, really allocated together
+    assert plan.chunk < 64

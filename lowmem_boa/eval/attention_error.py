@@ -1,9 +1,18 @@
-"""Per-block attention-module output error of a quantized model against its original.
+"""Per-block output errors of a quantized model against its original, block by block.
 
 For every block ``i`` the inputs ``X_i`` are the *original* model's block inputs on held-out
-windows, so each block is judged on its own: ``sum ||MHA_q(X_i) - MHA_fp(X_i)||^2`` over all tokens,
-where ``MHA`` is the attention module's output (after the out-projection, before the residual),
-relative to ``sum ||MHA_fp(X_i)||^2``. This is the quantity BoA's attention-aware Hessians target.
+windows, so each block is judged on its own:
+
+* ``rel_error`` (attention): ``sum ||MHA_q(X_i) - MHA_fp(X_i)||^2 / sum ||MHA_fp(X_i)||^2`` over all
+  tokens, where ``MHA`` is the attention module's output (after the out-projection, before the
+  residual). This is the quantity BoA's attention-aware Hessians target.
+* ``block_rel_error``: the whole quantized block on ``X_i`` against the original block, relative to
+  what the original block adds to the residual stream: ``||B_q(X) - B_fp(X)||^2 / ||B_fp(X) - X||^2``.
+* ``layers``: every linear layer on its own original input ``x`` (the fp block's, on ``X_i``):
+  ``||(Q - W) x||^2 / ||W x||^2`` -- the layer objective ``tr(dW H dW^T) / tr(W H W^T)`` with ``H``
+  taken from these windows instead of the calibration text, i.e. where in the model an error
+  measured out of domain comes from.
+
 Streams one block at a time like everything else.
 """
 
@@ -19,8 +28,14 @@ from ..scheduler import ActivationStore, Ledger, Scheduler, build_skeleton, load
 from ..scheduler.planner import make_eval_plan
 
 
+def _sq(t: torch.Tensor) -> float:
+    return float(t.double().pow(2).sum())
+
+
 def attention_output_errors(fp_dir: str | Path, q_dir: str | Path, windows: torch.Tensor, device: torch.device,
                             budget: int, dtype: torch.dtype = torch.float32) -> list[dict]:
+    """One dict per block: ``rel_error`` (attention output), ``block_rel_error`` and ``layers``
+    (``{name: relative output error}``), with the squared sums they come from."""
     config = load_config(str(fp_dir))
     adapter = get_adapter(config)
     fp_reader, q_reader = open_checkpoint(fp_dir), open_checkpoint(q_dir)
@@ -31,24 +46,48 @@ def attention_output_errors(fp_dir: str | Path, q_dir: str | Path, windows: torc
     store = ActivationStore(n, L, adapter.heads.hidden_size, dtype)
     attn_fp = torch.empty(n, L, adapter.heads.hidden_size, dtype=torch.float32)
     prefix = getattr(model, "base_model_prefix", "model")
+    linears = adapter.linear_names()
     out = []
     with torch.inference_mode():
         kwargs = first_block_inputs(sch, model, adapter, windows, store, plan.chunk)
         for i in range(adapter.n_blocks):
             name = adapter.block_name(i)
-            with sch.resident([name], f"block {i} (original)") as (blk,):
-                for i0, i1, x in sch.chunks(store.inputs, plan.chunk):
-                    attn_fp[i0:i1] = sch.to_host(capture_output(blk, adapter.o_proj, x, kwargs).float())
-                    sch.store(store.outputs, i0, i1, block_forward(blk, x, kwargs))
             q_weights = {f"{name}.{k}": q_reader.get(q_reader.resolve(f"{name}.{k}", prefix))
                          for k, _ in model.get_submodule(name).named_parameters()}
-            err = ref = 0.0
+            lay = {l: [0.0, 0.0] for l in linears}
+            with sch.resident([name], f"block {i} (original)") as (blk,):
+                dW = {l: sch.to_device(q_weights[f"{name}.{l}.weight"], f"dW {l}").to(dtype)
+                      - blk.get_submodule(l).weight for l in linears}
+                inputs = {}
+                hooks = [blk.get_submodule(l).register_forward_pre_hook(
+                    lambda m, a, l=l: inputs.__setitem__(l, a[0])) for l in linears]
+                try:
+                    for i0, i1, x in sch.chunks(store.inputs, plan.chunk):
+                        attn_fp[i0:i1] = sch.to_host(capture_output(blk, adapter.o_proj, x, kwargs).float())
+                        sch.store(store.outputs, i0, i1, block_forward(blk, x, kwargs))
+                        for l in linears:
+                            xi = inputs[l].float()
+                            lay[l][0] += _sq(xi @ dW[l].float().T)
+                            lay[l][1] += _sq(xi @ blk.get_submodule(l).weight.float().T)
+                        inputs.clear()
+                finally:
+                    for h in hooks:
+                        h.remove()
+                del dW
+                for l in linears:
+                    sch.free(f"dW {l}")
+            err = ref = b_err = b_ref = 0.0
             with sch.resident([name], f"block {i} (quantized)", weights=q_weights) as (blk,):
                 for i0, i1, x in sch.chunks(store.inputs, plan.chunk):
                     y = sch.to_host(capture_output(blk, adapter.o_proj, x, kwargs).float())
-                    err += float((y - attn_fp[i0:i1]).double().pow(2).sum())
-                    ref += float(attn_fp[i0:i1].double().pow(2).sum())
+                    err += _sq(y - attn_fp[i0:i1])
+                    ref += _sq(attn_fp[i0:i1])
+                    y_fp = store.outputs.get(i0, i1).float()
+                    b_err += _sq(sch.to_host(block_forward(blk, x, kwargs).float()) - y_fp)
+                    b_ref += _sq(y_fp - sch.to_host(x.float()))
             out.append({"block": i, "sq_error": err, "sq_reference": ref, "rel_error": err / ref if ref else 0.0,
+                        "block_rel_error": b_err / b_ref if b_ref else 0.0,
+                        "layers": {l: (e / r if r else 0.0) for l, (e, r) in lay.items()},
                         "tokens": n * L})
             store.advance()
     store.close()
