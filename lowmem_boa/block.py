@@ -330,7 +330,7 @@ class BlockQuantizer:
             if S is not None:   # BoA with --mlp-row-hessian: through the (still fp) MLP-output weight
                 W_out = block.get_submodule(a.mlp_out).weight.data
                 for name in a.mlp_in:
-                    H_row = self.sch.to_host(mlp_row_hessian(S.pop(name), W_out))
+                    H_row = self.sch.to_host(mlp_row_hessian(S.pop(name), W_out, qc.mlp_row_damp))
                     record(name, self.solve(block, name, H_in, H_row, H_row.shape[0], (H_in, C_in)))
             else:
                 for name in a.mlp_in:

@@ -46,6 +46,7 @@ class QuantConfig:
     mlp_row_hessian: bool | None = None   # BoA: row Hessian of the MLP-input layers through the MLP output;
                                     # None: on at 2-3 bits, off at 4+ (MLP_ROW_MAX_BITS); off = the paper's BoA
     mlp_row_group: int = 128        # ... block-diagonal in groups of at most this many rows
+    mlp_row_damp: float = 0.0       # ... plus this fraction of each group's mean diagonal (towards GPTQ's rows)
     fp_targets: bool = False        # fit Q X~ to the fp model's W X (asymmetric calibration)
     percdamp: float = 0.01
     block_size: int = 128
@@ -79,6 +80,8 @@ class QuantConfig:
             raise ValueError(f"--block-size must be positive, got {self.block_size}")
         if self.mlp_row_group < 1:
             raise ValueError(f"--mlp-row-group must be positive, got {self.mlp_row_group}")
+        if not 0 <= self.mlp_row_damp < 1e6:
+            raise ValueError(f"--mlp-row-damp must be non-negative, got {self.mlp_row_damp}")
         if self.fp_targets and self.method == "rtn":
             raise ValueError("--fp-targets needs calibration solves: use --method gptq or boa")
         if self.fp_targets and self.true_sequential:
@@ -93,6 +96,14 @@ class QuantConfig:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def state_dict(self) -> dict:
+        """``as_dict`` without the options added after runs were first keyed by it, where they hold
+        their defaults: a run started before an option existed resumes under the code that has it."""
+        return {k: v for k, v in asdict(self).items() if k not in ADDED_LATER or v != ADDED_LATER[k]}
+
+
+ADDED_LATER = {"mlp_row_damp": 0.0}   # option -> its default (see QuantConfig.state_dict)
 
 
 @dataclass

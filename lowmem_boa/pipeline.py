@@ -216,7 +216,7 @@ def check_disk(plan: Plan, output: Path, state_dir: Path, mode: str) -> None:
 
 def _state_config(qc: QuantConfig, model_dir: Path | None) -> dict:
     """What keys a run for resume: the quantization config and the model's identity."""
-    d = qc.as_dict()
+    d = qc.state_dict()
     d["model"] = str(Path(model_dir).resolve()) if model_dir else qc.model
     if model_dir is not None:
         d["model_files"] = CheckpointReader(model_dir).fingerprint()

@@ -99,10 +99,32 @@ def test_pipeline_mlp_rows_change_only_the_mlp_input_layers(tmp_path):
     diag = _quant(model, tmp_path / "c", method="boa", mlp_row_hessian=True, mlp_row_group=1)
     for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.down_proj"):
         assert torch.equal(plain[f"{n}.weight"], rows[f"{n}.weight"]), n
+    # a row prior far above the gains' correlations decouples the rows as well (--mlp-row-damp)
+    damped = _quant(model, tmp_path / "d", method="boa", mlp_row_hessian=True, mlp_row_damp=1e4)
     for n in ("mlp.gate_proj", "mlp.up_proj"):
         assert (plain[f"{n}.qcodes"] != rows[f"{n}.qcodes"]).float().mean() > 0.05, n
-        agree = (plain[f"{n}.qcodes"] == diag[f"{n}.qcodes"]).float().mean().item()
-        assert agree > 0.99, (n, agree)
+        for other in (diag, damped):
+            agree = (plain[f"{n}.qcodes"] == other[f"{n}.qcodes"]).float().mean().item()
+            assert agree > 0.99, (n, agree)
+
+
+def test_mlp_row_damp_adds_a_fraction_of_each_groups_mean_diagonal():
+    g = torch.Generator().manual_seed(3)
+    m, W_out = torch.randn(64, 12, generator=g, dtype=torch.float64), torch.randn(8, 12, generator=g, dtype=torch.float64)
+    S = gain_grams(m, 4) / 64
+    H0, H1 = mlp_row_hessian(S, W_out), mlp_row_hessian(S, W_out, 0.5)
+    for k in range(3):
+        want = H0[k] + 0.5 * H0[k].diagonal().mean() * torch.eye(4, dtype=torch.float64)
+        assert torch.allclose(H1[k], want)
+
+
+def test_options_added_later_keep_old_runs_resumable():
+    """A run keyed before --mlp-row-damp existed has the same key as one with it at its default."""
+    from lowmem_boa.config import QuantConfig
+    qc = QuantConfig(model="m", method="boa")
+    old = {k: v for k, v in qc.as_dict().items() if k != "mlp_row_damp"}
+    assert qc.state_dict() == old
+    assert QuantConfig(model="m", method="boa", mlp_row_damp=0.1).state_dict()["mlp_row_damp"] == 0.1
 
 
 @needs_shared

@@ -17,7 +17,7 @@ from ..config import CALIB_SETS, DTYPES, METHODS, WBITS, QuantConfig, RunOptions
 from ..solvers.validation import GRIDS
 
 PRESET_KEYS = {"device", "max_gpu_mem", "max_cpu_mem", "hessians", "nsamples", "seqlen", "block_v", "dtype",
-               "true_sequential", "v_row_hessian", "fp_targets", "mlp_row_hessian", "mlp_row_group",
+               "true_sequential", "v_row_hessian", "fp_targets", "mlp_row_hessian", "mlp_row_group", "mlp_row_damp",
                "data_dir", "calib", "qparam", "group_size", "percdamp", "block_size"}
 
 
@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--mlp-row-group", type=int, default=128,
                    help="--mlp-row-hessian: rows per block of the row Hessian (the largest divisor of the MLP "
                    "size up to this; each block costs one sweep, like a head of this size)")
+    m.add_argument("--mlp-row-damp", type=float, default=0.0,
+                   help="--mlp-row-hessian: add this fraction of each row group's mean diagonal to its row Hessian "
+                   "(0: none beyond --percdamp; large values approach GPTQ's independent rows)")
     m.add_argument("--fp-targets", dest="fp_targets", action=argparse.BooleanOptionalAction, default=False,
                    help="GPTQ/BoA: fit each layer on the quantized model's input to the full-precision model's "
                    "output of that layer (min ||Q X~ - W X||, asymmetric calibration); keeps a second activation "
@@ -120,7 +123,7 @@ def parse(argv=None):
                      act_order_col=args.act_order_col, act_order_row=args.act_order_row, percdamp=args.percdamp,
                      search_orders=args.search_orders, true_sequential=args.true_sequential, v_row_hessian=args.v_row_hessian,
                      fp_targets=args.fp_targets, mlp_row_hessian=args.mlp_row_hessian,
-                     mlp_row_group=args.mlp_row_group,
+                     mlp_row_group=args.mlp_row_group, mlp_row_damp=args.mlp_row_damp,
                      block_size=args.block_size, calib=args.calib, calib_file=args.calib_file,
                      nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, dtype=args.dtype)
     ro = RunOptions(output=args.output, device=args.device, max_gpu_mem=args.max_gpu_mem,

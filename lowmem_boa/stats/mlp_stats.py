@@ -38,9 +38,16 @@ def gain_grams(m: torch.Tensor, group: int) -> torch.Tensor:
     return mg.transpose(1, 2) @ mg
 
 
-def mlp_row_hessian(S: torch.Tensor, W_out: torch.Tensor) -> torch.Tensor:
+def mlp_row_hessian(S: torch.Tensor, W_out: torch.Tensor, damp: float = 0.0) -> torch.Tensor:
     """``(W_out^T W_out) * E[m m^T]`` on the diagonal blocks: ``S`` is ``(G, g, g)`` (``gain_grams``
-    divided by the tokens), ``W_out`` the MLP-output weight ``(d, I)``. Returns ``(G, g, g)`` float32."""
+    divided by the tokens), ``W_out`` the MLP-output weight ``(d, I)``. Returns ``(G, g, g)`` float32.
+    ``damp`` adds ``damp * mean(diag)`` of each group to its diagonal (``--mlp-row-damp``): a prior
+    towards independent rows (GPTQ's row objective, up to scale) where the gains seen in
+    calibration may not hold on other text."""
     G, g, _ = S.shape
     Wg = W_out.to(torch.promote_types(S.dtype, torch.float32)).reshape(W_out.shape[0], G, g).transpose(0, 1)
-    return (Wg.transpose(1, 2) @ Wg).to(S.device) * S                # (G, g, g)
+    H = (Wg.transpose(1, 2) @ Wg).to(S.device) * S                # (G, g, g)
+    if damp:
+        diag = H.diagonal(dim1=1, dim2=2)
+        diag += damp * diag.mean(dim=1, keepdim=True)
+    return H
