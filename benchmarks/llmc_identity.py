@@ -19,24 +19,23 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import stories  # noqa: E402
+import quality  # noqa: E402
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bits", type=int, default=2)
     ap.add_argument("--seeds", default="0")
-    ap.add_argument("--shared", type=Path, default=stories.REPO.parent / "shared")
-    ap.add_argument("--work", type=Path, default=stories.REPO / "benchmarks" / "_work" / "llmc_identity")
+    ap.add_argument("--shared", type=Path, default=quality.REPO.parent / "shared")
+    ap.add_argument("--work", type=Path, default=quality.REPO / "benchmarks" / "_work" / "llmc_identity")
     args = ap.parse_args(argv)
     shutil.rmtree(args.work, ignore_errors=True)
     for seed in map(int, args.seeds.split(",")):
-        job = dict(bits=args.bits, seed=seed, nsamples=128, shared=str(args.shared), work=str(args.work), threads=2,
+        job = dict(profile="stories260K", bits=str(args.bits), seed=seed, nsamples=128, shared=str(args.shared), work=str(args.work), threads=2,
                    keep=True)
-        ppl = {v: stories.run_one({**job, "variant": v})["ppl"] for v in ("gptq-minmax", "llmc-gptq")}
-        tag = f"w{args.bits}-n128-s{seed}"
-        ours = load_file(args.work / f"gptq-minmax-{tag}" / "model.safetensors")
-        theirs = load_file(args.work / f"llmc-gptq-{tag}" / "model" / "model.safetensors")
+        ppl = {v: quality.run_one({**job, "variant": v})["ppl"] for v in ("gptq-minmax", "llmc-gptq")}
+        ours = load_file(quality.run_dir(args.work, {**job, "variant": "gptq-minmax"}) / "model.safetensors")
+        theirs = load_file(quality.run_dir(args.work, {**job, "variant": "llmc-gptq"}) / "model" / "model.safetensors")
         equal = sum(torch.equal(ours[k], theirs[k]) for k in ours)
         frac = {k: float((ours[k] != theirs[k]).float().mean()) for k in ours if not torch.equal(ours[k], theirs[k])}
         print(f"seed {seed} W{args.bits}: ours {ppl['gptq-minmax']:.4f}, llm-compressor {ppl['llmc-gptq']:.4f}; "

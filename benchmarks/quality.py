@@ -1,67 +1,375 @@
-"""Quality benchmark: RTN, GPTQ, BoA (and an external GPTQ) on the real checkpoints in ../shared/models.
+"""The quality benchmark, one for every model: methods x bit widths x calibration seeds, perplexity on
+every evaluation text of the model's profile, resumable, two single-thread jobs at a time.
 
-    python benchmarks/quality.py                       # everything below, writes docs/results_tables.md + plot
-    python benchmarks/quality.py --sweep-bits 2 --max-windows 128   # the run reported in docs/results.md
-    python benchmarks/quality.py --models llama-wt2-9m --bits 2 --methods gptq,boa --no-docs   # quick
+    python benchmarks/quality.py --profile smollm2-135m-ref --study mlprow --seeds 0,1      # a study
+    python benchmarks/quality.py --profile smollm2-135m --study main --seeds 0,1 --bits 2   # the paper's protocol
+    python benchmarks/quality.py --profile stories260K --study main                           # 5 seeds
+    python benchmarks/quality.py --profile smollm2-135m-ref --report                          # tables (+ plot)
 
-For every model x bit width (128 calibration windows of 512 tokens from WikiText-2 train, seed 0):
+Profiles (``PROFILES``) fix what belongs to a model: its checkpoint, calibration text, evaluation
+texts, sequence length, calibration windows and how many evaluation windows are read:
 
-(``--sweep-bits B``: the act-order variants run only at the bit widths B, elsewhere only the first
-variant of each method.)
+* ``smollm2-135m`` -- the real LLM that decides quality (built by ``../shared/models/smollm2-135m/build.py``
+  into ``~/.cache/lowmem_boa/smollm2-135m`` or ``$LOWMEM_BOA_SMOLLM2``): the paper's protocol, 128 x 2048
+  WikiText-2 train calibration, perplexity at 2048 on WikiText-2 test and on C4 (the shared 1,025
+  validation documents, GPTQ's C4 protocol: first 256 windows).
+* ``smollm2-135m-ref`` -- the same model with the reference recipe of issue 16's tables (32 x 512
+  WikiText-2 calibration, first 64 windows of 512 of WikiText-2 test and of C4): screening.
+* ``stories260K`` -- tiny and fragile (head_dim 8): 128 x 512 from ``tinystories/train.txt``, all 387
+  validation windows of 512.
+* ``llama-wt2-9m``, ``opt-wt2-10m`` -- trained here on WikiText-2, robust: code paths, WikiText-2 / PTB / C4.
 
-* rtn            MinMax grid, no data
-* gptq           Hessian grid; with and without act-order, the better by WikiText-2 PPL is reported
-* gptq-minmax    our GPTQ with a MinMax grid, no act-order: like-for-like with llm-compressor
-* llmc-gptq      llm-compressor's GPTQModifier (MinMax observer, no act-order) in its own virtualenv
-                 (benchmarks/_work/venv-llmc; it pins transformers <= 5.17), same calibration windows
-* boa            Hessian grid, block_v; all four act_order_col/act_order_row combinations, the best by
-                 WikiText-2 PPL is reported (as the paper and the official README do)
-* boa-noblockv   BoA with a shared X X^T for V (no act-order)
+Bit widths are written ``2``, ``3`` (per channel) or ``3g128`` (groups of 128). Each run goes through
+``run_quant.py``'s own code path (``lowmem_boa.cli.quant.main``) in a worker process with one thread
+(``--jobs`` at a time; two single-thread jobs use both cores without slowing each other), then every
+evaluation text is read by the same streaming evaluator. With ``--errors N`` the per-block output
+errors (attention output, whole block, every linear layer on its own original input) are measured on
+the first N windows of every evaluation text (``lowmem_boa.eval.attention_output_errors``).
 
-Each quantization runs in its own process (run_quant.py / the llm-compressor helper): wall time and
-peak RSS of that process are measured (plus our ledger's device peak). Evaluation (same code for all):
-WikiText-2 / PTB test and C4 validation perplexity (GPTQ protocol: non-overlapping 512-token windows;
-C4: first 256 windows of the first 1,025 documents; ``--max-windows N``: the first N windows of each),
-and the per-block attention-output error ||MHA_q(X) - MHA_fp(X)||^2 / ||MHA_fp(X)||^2 on 64
-WikiText-2 *validation* windows with X the original model's block inputs. PTB and C4 are evaluated
-for the reported (selected) variants.
+Results go to ``benchmarks/results/quality_<profile>.json`` (``--out`` to choose), appended run by run:
+an interrupted study resumes where it stopped -- rows already present are not recomputed, and a run
+killed halfway resumes inside run_quant (its output directory keeps the finished blocks). Evaluation
+texts are only ever evaluated, never used to choose anything inside a run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
+import multiprocessing
+import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-
-import psutil
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lowmem_boa.data import calibration_windows, eval_windows, load_source  # noqa: E402
-from lowmem_boa.eval import attention_output_errors, streaming_nll  # noqa: E402
-
-SEQLEN, SEED = 512, 0
-VARIANTS = {   # method -> list of (variant name, run_quant.py flags)
-    "rtn": [("rtn", ["--method", "rtn", "--qparam", "minmax"])],
-    "gptq": [("gptq", ["--method", "gptq"]), ("gptq+ao", ["--method", "gptq", "--act-order-col"])],
-    "gptq-minmax": [("gptq-minmax", ["--method", "gptq", "--qparam", "minmax"])],
-    "llmc-gptq": [("llmc-gptq", None)],
-    "boa": [("boa", ["--method", "boa"]), ("boa+col", ["--method", "boa", "--act-order-col"]),
-            ("boa+row", ["--method", "boa", "--act-order-row"]),
-            ("boa+col+row", ["--method", "boa", "--act-order-col", "--act-order-row"])],
-    "boa-noblockv": [("boa-noblockv", ["--method", "boa", "--no-block-v"])],
-}
 LLMC_VENV = REPO / "benchmarks" / "_work" / "venv-llmc"
+EVAL_BUDGET = 3 * 2 ** 30   # per evaluating process: two jobs side by side fit the 24 GiB machine
+
+
+def smollm2_dir() -> Path:
+    return Path(os.environ.get("LOWMEM_BOA_SMOLLM2", Path.home() / ".cache" / "lowmem_boa" / "smollm2-135m"))
+
+
+# a text is ("dataset", split) read from ../shared/data, or ("file", path under ../shared/data)
+PROFILES = {
+    "smollm2-135m": dict(model=smollm2_dir, calib=("wikitext2", "train"), seqlen=2048, nsamples=128,
+                         evals={"wikitext2": ("wikitext2", "test"), "c4": ("c4", "valid")}, eval_windows=None),
+    "smollm2-135m-ref": dict(model=smollm2_dir, calib=("wikitext2", "train"), seqlen=512, nsamples=32,
+                             evals={"wikitext2": ("wikitext2", "test"), "c4": ("c4", "valid")}, eval_windows=64),
+    "stories260K": dict(model="stories260K", calib=("file", "tinystories/train.txt"), seqlen=512, nsamples=128,
+                        evals={"tinystories": ("file", "tinystories/validation.txt")}, eval_windows=None),
+    "llama-wt2-9m": dict(model="llama-wt2-9m", calib=("wikitext2", "train"), seqlen=512, nsamples=128,
+                         evals={"wikitext2": ("wikitext2", "test"), "ptb": ("ptb", "test"), "c4": ("c4", "valid")},
+                         eval_windows=None),
+    "opt-wt2-10m": dict(model="opt-wt2-10m", calib=("wikitext2", "train"), seqlen=512, nsamples=128,
+                        evals={"wikitext2": ("wikitext2", "test"), "ptb": ("ptb", "test"), "c4": ("c4", "valid")},
+                        eval_windows=None),
+}
+
+# variant name -> run_quant.py flags (besides model/bits/seed/nsamples/calibration). Without "mlprow"
+# a BoA row is the paper's BoA (attention only); "boa-default" is whatever run_quant's defaults are now.
+VARIANTS = {
+    "rtn": ["--method", "rtn", "--qparam", "minmax"],
+    "gptq": ["--method", "gptq"],
+    "gptq-minmax": ["--method", "gptq", "--qparam", "minmax"],
+    "gptq-seq": ["--method", "gptq", "--true-sequential"],
+    "gptq-seq-damp03": ["--method", "gptq", "--true-sequential", "--percdamp", "0.03"],
+    "gptq-seq-damp10": ["--method", "gptq", "--true-sequential", "--percdamp", "0.1"],
+    "gptq-damp03": ["--method", "gptq", "--percdamp", "0.03"],
+    "gptq-damp10": ["--method", "gptq", "--percdamp", "0.1"],
+    "boa-default": ["--method", "boa"],
+    "boa": ["--method", "boa", "--no-mlp-row-hessian"],
+    "boa-noblockv": ["--method", "boa", "--no-block-v", "--no-mlp-row-hessian"],
+    "boa-novrow": ["--method", "boa", "--no-v-row-hessian", "--no-mlp-row-hessian"],   # the official code's configuration
+    "boa-seq": ["--method", "boa", "--true-sequential", "--no-mlp-row-hessian"],
+    "boa-seq-novrow": ["--method", "boa", "--true-sequential", "--no-v-row-hessian", "--no-mlp-row-hessian"],
+    "boa-seq-damp03": ["--method", "boa", "--true-sequential", "--percdamp", "0.03", "--no-mlp-row-hessian"],
+    "boa-seq-damp10": ["--method", "boa", "--true-sequential", "--percdamp", "0.1", "--no-mlp-row-hessian"],
+    "boa-damp03": ["--method", "boa", "--percdamp", "0.03", "--no-mlp-row-hessian"],
+    "boa-damp10": ["--method", "boa", "--percdamp", "0.1", "--no-mlp-row-hessian"],
+    "boa+col": ["--method", "boa", "--act-order-col", "--no-mlp-row-hessian"],
+    "boa+row": ["--method", "boa", "--act-order-row", "--no-mlp-row-hessian"],
+    "boa+col+row": ["--method", "boa", "--act-order-col", "--act-order-row", "--no-mlp-row-hessian"],
+    "boa-search": ["--method", "boa", "--search-orders", "--no-mlp-row-hessian"],
+    "gptq+col": ["--method", "gptq", "--act-order-col"],
+    "gptq-search": ["--method", "gptq", "--search-orders"],
+    "gptq-fpt": ["--method", "gptq", "--fp-targets"],
+    "boa-fpt": ["--method", "boa", "--fp-targets", "--no-mlp-row-hessian"],
+    "boa-mlprow": ["--method", "boa", "--mlp-row-hessian"],
+    "boa-mlprow-g32": ["--method", "boa", "--mlp-row-hessian", "--mlp-row-group", "32"],
+    "boa-mlprow-rd01": ["--method", "boa", "--mlp-row-hessian", "--mlp-row-damp", "0.1"],
+    "boa-mlprow-rd1": ["--method", "boa", "--mlp-row-hessian", "--mlp-row-damp", "1"],
+    "boa-mlprow-full": ["--method", "boa", "--mlp-row-hessian", "--mlp-row-group", "100000"],
+    "boa-mlprow-search": ["--method", "boa", "--mlp-row-hessian", "--search-orders"],
+    "llmc-gptq": None,   # llm-compressor's GPTQModifier in its own virtualenv (benchmarks/llmc_gptq.py)
+}
+
+STUDIES = {
+    "main": {"bits": ["2", "3", "4"], "variants": ["rtn", "gptq-minmax", "llmc-gptq", "gptq", "boa", "boa-noblockv",
+                                                   "boa-mlprow"], "nsamples": [None]},
+    "paper": {"bits": ["2", "3", "3g128", "4g128"], "variants": ["rtn", "llmc-gptq", "gptq", "boa", "boa-default"],
+              "nsamples": [None]},
+    "ab": {"bits": ["2"], "variants": ["gptq-seq", "gptq", "boa-seq", "boa", "boa-seq-novrow", "boa-novrow",
+                                       "gptq-seq-damp03", "boa-seq-damp03", "gptq-seq-damp10", "boa-seq-damp10"],
+           "nsamples": [None]},
+    "orders": {"bits": ["2"], "variants": ["boa", "boa+col", "boa+row", "boa+col+row", "boa-search", "gptq", "gptq+col",
+                                           "gptq-search"], "nsamples": [None]},
+    "calib": {"bits": ["2"], "variants": ["gptq", "boa"], "nsamples": [128, 256, 512]},
+    "fpt": {"bits": ["2"], "variants": ["gptq", "boa", "gptq-fpt", "boa-fpt"], "nsamples": [None]},
+    "mlprow": {"bits": ["2", "3", "4"], "variants": ["gptq", "boa", "boa-mlprow", "boa-mlprow-full", "boa-mlprow-search"],
+               "nsamples": [None]},
+    "damp": {"bits": ["2"], "variants": ["gptq", "boa", "gptq-damp03", "boa-damp03", "gptq-damp10", "boa-damp10"],
+             "nsamples": [None]},
+}
+
+
+def bits_flags(spec: str) -> list[str]:
+    """``"3g128"`` -> ``--wbits 3 --group-size 128``."""
+    bits, _, group = str(spec).partition("g")
+    return ["--wbits", bits] + (["--group-size", group] if group else [])
+
+
+def llmc_bits(spec: str) -> list[str]:
+    """``"3g128"`` -> ``--bits 3 --group-size 128`` (benchmarks/llmc_gptq.py)."""
+    return ["--bits" if f == "--wbits" else f for f in bits_flags(spec)]
+
+
+def resolve_text(shared: Path, text: tuple):
+    from lowmem_boa.data import file_source, load_source
+    kind, what = text
+    if kind == "file":
+        return file_source(shared / "data" / what)
+    return load_source(kind, what, shared / "data")
+
+
+def model_dir(profile: dict, shared: Path) -> Path:
+    m = profile["model"]
+    return Path(m()) if callable(m) else shared / "models" / m
+
+
+_WINDOWS: dict = {}
+
+
+def eval_sets(profile_name: str, shared: Path, max_windows: int | None = None) -> dict:
+    """``{text: (n, seqlen) token windows}`` of the profile's evaluation texts (cached per process)."""
+    key = (profile_name, max_windows)
+    if key not in _WINDOWS:
+        from transformers import AutoTokenizer
+        from lowmem_boa.data import eval_windows
+        p = PROFILES[profile_name]
+        tok = AutoTokenizer.from_pretrained(model_dir(p, shared))
+        n = p["eval_windows"] if max_windows is None else max_windows
+        _WINDOWS[key] = {name: eval_windows(tok, resolve_text(shared, t), p["seqlen"], n)
+                         for name, t in p["evals"].items()}
+    return _WINDOWS[key]
+
+
+def calib_flags(profile: dict, shared: Path) -> list[str]:
+    kind, what = profile["calib"]
+    if kind == "file":
+        return ["--calib-file", str(shared / "data" / what)]
+    assert what == "train", "run_quant calibrates on the train split"
+    return ["--calib", kind, "--data-dir", str(shared / "data")]
+
+
+def run_dir(work: Path, job: dict) -> Path:
+    return work / job["profile"] / f"{job['variant']}-w{job['bits']}-n{job['nsamples']}-s{job['seed']}"
+
+
+def run_one(job: dict) -> dict:
+    """Quantize one configuration and evaluate it (runs in a worker process)."""
+    import torch
+    torch.set_num_threads(job["threads"])
+    from lowmem_boa.eval import attention_output_errors, streaming_nll
+    shared, work = Path(job["shared"]), Path(job["work"])
+    profile = PROFILES[job["profile"]]
+    mdir = model_dir(profile, shared)
+    out = run_dir(work, job)
+    t0 = time.perf_counter()
+    report = {}
+    if job["variant"] == "llmc-gptq":
+        from transformers import AutoTokenizer
+        from lowmem_boa.data import calibration_windows
+        qdir = out / "model"
+        if not (qdir / "config.json").is_file():
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir(parents=True)
+            ids = calibration_windows(AutoTokenizer.from_pretrained(mdir), resolve_text(shared, profile["calib"]),
+                                      job["nsamples"], profile["seqlen"], job["seed"])
+            torch.save(ids, out / "calib.pt")
+            env = {**os.environ, "OMP_NUM_THREADS": str(job["threads"])}
+            subprocess.run([str(LLMC_VENV / "bin" / "python"), str(REPO / "benchmarks" / "llmc_gptq.py"), "--model",
+                            str(mdir), "--calib", str(out / "calib.pt"), *llmc_bits(job["bits"]), "--out",
+                            str(qdir)], check=True, capture_output=True, env=env)
+    else:
+        from lowmem_boa.cli.quant import main as quant_main
+        # no --overwrite: a run killed halfway resumes from its finished blocks (same configuration)
+        argv = ["--model", str(mdir), *bits_flags(job["bits"]), "--seqlen", str(profile["seqlen"]),
+                "--nsamples", str(job["nsamples"]), "--seed", str(job["seed"]), *calib_flags(profile, shared),
+                "--device", "cpu", "--output", str(out), "--no-progress", *VARIANTS[job["variant"]]]
+        with contextlib.redirect_stdout(io.StringIO()):
+            rc = quant_main(argv)
+        if rc != 0:
+            raise RuntimeError(f"run_quant {' '.join(argv)} exited {rc}")
+        qdir = out
+        report = json.loads((out / "quant_report.json").read_text())
+    seconds = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    sets = eval_sets(job["profile"], shared)
+    cpu, budget = torch.device("cpu"), EVAL_BUDGET
+    ppl = {}
+    for name, w in sets.items():   # each text's result kept beside the run: a killed evaluation resumes
+        done = out / f"eval_{name}_{w.shape[0]}x{w.shape[1]}.json"
+        if not done.is_file():
+            done.write_text(json.dumps(streaming_nll(qdir, w, cpu, budget)["ppl"]))
+        ppl[name] = json.loads(done.read_text())
+    row = {k: job[k] for k in ("variant", "bits", "seed", "nsamples")}
+    row.update(ppl=ppl, quant_seconds=seconds, eval_seconds=time.perf_counter() - t1)
+    if report:
+        blocks = report["blocks"].items()
+        row["layer_info"] = {i: {lay["name"]: {k: lay[k] for k in ("rel_error", "rel_attention_error")}
+                                 for lay in b["layers"]} for i, b in blocks}
+        row["phase_seconds"] = {i: b.get("phase_seconds") for i, b in blocks}
+        orders = {f"{i}.{lay['name']}": lay["info"].get("orders") for i, b in blocks
+                  for lay in b["layers"] if lay["info"].get("orders")}
+        if orders:
+            row["orders"] = orders
+    if job.get("errors"):
+        # held out from calibration: the first windows of each evaluation text (evaluated, never selected on)
+        row["errors"] = {name: attention_output_errors(mdir, qdir, w[: job["errors"]], cpu, budget)
+                         for name, w in sets.items()}
+    if not job.get("keep"):
+        shutil.rmtree(out, ignore_errors=True)
+    return row
+
+
+def normalize(row: dict, profile: dict) -> dict:
+    """Rows of the older stories260K benchmark (one text, integer bits) in this schema."""
+    row = dict(row)
+    row["bits"] = str(row["bits"])
+    if not isinstance(row["ppl"], dict):
+        row["ppl"] = {next(iter(profile["evals"])): row["ppl"]}
+    if "attn_rel_error" in row and "errors" not in row:
+        row["errors"] = {next(iter(profile["evals"])): [{"block": i, "rel_error": e}
+                                                        for i, e in enumerate(row.pop("attn_rel_error"))]}
+    return row
+
+
+def summarize(rows: list[dict], texts: list[str]) -> list[dict]:
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["variant"], r["bits"], r["nsamples"]), []).append(r)
+    out = []
+    for (variant, bits, ns), rs in groups.items():
+        rs = sorted(rs, key=lambda r: r["seed"])
+        s = {"variant": variant, "bits": bits, "nsamples": ns, "seeds": [r["seed"] for r in rs],
+             "quant_seconds": statistics.fmean(r["quant_seconds"] for r in rs)}
+        for t in texts:
+            p = [r["ppl"][t] for r in rs]
+            s[t] = {"ppl": p, "mean": statistics.fmean(p), "std": statistics.stdev(p) if len(p) > 1 else 0.0,
+                    "min": min(p), "max": max(p)}
+        out.append(s)
+    return out
+
+
+def markdown(summary: list[dict], fp: dict, texts: list[str], ref: str = "gptq") -> str:
+    """One row per (bits, windows, variant): per text the mean, std, per-seed values and the
+    degradation ratio (mean - fp) / (ref mean - fp) against ``ref`` on the same seeds' mean."""
+    head = "| bits | windows | variant | seeds | " + " | ".join(
+        f"{t} mean ± std | per seed | ratio vs {ref}" for t in texts) + " | s/run |"
+    lines = [head, "|" + "---|" * (5 + 3 * len(texts))]
+    for s in sorted(summary, key=lambda s: (s["bits"], s["nsamples"], s[texts[0]]["mean"])):
+        g = next((t for t in summary if t["variant"] == ref and t["bits"] == s["bits"]
+                  and t["nsamples"] == s["nsamples"]), None)
+        cells = []
+        for t in texts:
+            m = s[t]
+            ratio = f"{(m['mean'] - fp[t]) / (g[t]['mean'] - fp[t]):.3f}" if g and g["seeds"] == s["seeds"] else "–"
+            cells.append(f"{m['mean']:.3f} ± {m['std']:.3f} | {' / '.join(f'{p:.2f}' for p in m['ppl'])} | {ratio}")
+        lines.append(f"| {s['bits']} | {s['nsamples']} | {s['variant']} | {','.join(map(str, s['seeds']))} | "
+                     + " | ".join(cells) + f" | {s['quant_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def errors_table(runs: list[dict], text: str, key: str = "rel_error", ref: str = "gptq") -> str:
+    """Per (bits, variant): a per-block error (``key``) on ``text`` averaged over seeds, and / ``ref``."""
+    acc: dict = {}
+    for r in runs:
+        e = r.get("errors", {}).get(text)
+        if e and key in e[0]:
+            acc.setdefault((r["bits"], r["variant"]), []).append([b[key] for b in e])
+    mean = {k: [statistics.fmean(col) for col in zip(*v)] for k, v in acc.items()}
+    lines = [f"| bits | variant | seeds | {key} per block on {text} (mean over seeds) | / {ref} per block |",
+             "|---|---|---|---|---|"]
+    for (bits, variant), m in sorted(mean.items()):
+        g = mean.get((bits, ref))
+        ratio = " / ".join(f"{a / b:.3f}" for a, b in zip(m, g)) if g and variant != ref else "–"
+        lines.append(f"| {bits} | {variant} | {len(acc[(bits, variant)])} | " + " / ".join(f"{e:.4f}" for e in m)
+                     + f" | {ratio} |")
+    return "\n".join(lines)
+
+
+def layer_errors_table(runs: list[dict], text: str, variants: list[str], bits: str) -> str:
+    """Per linear layer (summed over blocks, mean over seeds): the out-of-domain layer error
+    ``||(Q-W)x||^2/||Wx||^2`` on ``text`` of each variant, and the ratio of each to the first."""
+    per: dict = {}
+    for r in runs:
+        e = r.get("errors", {}).get(text)
+        if r["bits"] == bits and r["variant"] in variants and e and "layers" in e[0]:
+            per.setdefault(r["variant"], []).append(e)
+    if not per:
+        return f"(no per-layer errors on {text})"
+    names = list(next(iter(per.values()))[0][0]["layers"])
+    lines = [f"| layer (mean over blocks) on {text} | " + " | ".join(variants) + " |", "|" + "---|" * (1 + len(variants))]
+    for n in names:
+        vals = [statistics.fmean(statistics.fmean(b["layers"][n] for b in e) for e in per[v]) if v in per else None
+                for v in variants]
+        lines.append(f"| {n} | " + " | ".join("–" if v is None else f"{v:.4f}" for v in vals) + " |")
+    return "\n".join(lines)
+
+
+def plot(summary: list[dict], fp: dict, texts: list[str], title: str, path: Path) -> None:
+    """Mean perplexity (markers) and seed range (bars) per variant and bit width, per text, log scale."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(texts), figsize=(6 * len(texts), 4.5), squeeze=False)
+    variants = sorted({s["variant"] for s in summary})
+    bit_specs = sorted({s["bits"] for s in summary}, key=lambda b: (int(str(b).split("g")[0]), b))
+    for ax, t in zip(axes[0], texts):
+        for k, v in enumerate(variants):
+            rows = [s for s in summary if s["variant"] == v and s["nsamples"] == summary[0]["nsamples"]]
+            rows = sorted(rows, key=lambda s: bit_specs.index(s["bits"]))
+            if not rows:
+                continue
+            x = [bit_specs.index(s["bits"]) + (k - len(variants) / 2) * 0.05 for s in rows]
+            m = [s[t] for s in rows]
+            ax.errorbar(x, [a["mean"] for a in m], yerr=[[a["mean"] - a["min"] for a in m],
+                                                         [a["max"] - a["mean"] for a in m]],
+                        marker="o", capsize=3, label=v)
+        ax.axhline(fp[t], color="gray", ls="--", lw=0.8, label=f"fp {fp[t]:.2f}")
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(bit_specs)), bit_specs)
+        ax.set_xlabel("weight bits (gN: groups of N)")
+        ax.set_ylabel(f"{t} perplexity (mean, seed min-max)")
+        ax.set_title(f"{title}: {t}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def run_measured(cmd: list[str], cwd: Path = REPO) -> dict:
     """Run ``cmd``; wall time and the peak RSS of the process (polled every 50 ms)."""
+    import psutil
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ps, peak = psutil.Process(proc.pid), 0
@@ -86,157 +394,89 @@ def ensure_llmc_venv() -> Path:
     return py
 
 
-def quantize(model_dir: Path, variant: str, flags, bits: int, out: Path, calib_file: Path, data_dir: str,
-             nsamples: int) -> dict:
-    if flags is None:    # llm-compressor
-        py = ensure_llmc_venv()
-        m = run_measured([str(py), str(REPO / "benchmarks" / "llmc_gptq.py"), "--model", str(model_dir),
-                          "--calib", str(calib_file), "--bits", str(bits), "--out", str(out)])
-        info = json.loads((out / "llmc_info.json").read_text())
-        return {**m, "ledger_peak_bytes": None, "tool": f"llmcompressor {info['llmcompressor']}"}
-    shutil.rmtree(out, ignore_errors=True)   # a fresh run: the same configuration would resume a finished one
-    m = run_measured([sys.executable, str(REPO / "run_quant.py"), "--model", str(model_dir), "--wbits", str(bits),
-                      "--nsamples", str(nsamples), "--seqlen", str(SEQLEN), "--seed", str(SEED), "--data-dir", data_dir,
-                      "--device", "cpu", "--output", str(out), "--overwrite", "--no-progress", *flags])
-    report = json.loads((out / "quant_report.json").read_text())
-    return {**m, "ledger_peak_bytes": report["memory"]["ledger_peak_bytes"], "tool": "lowmem_boa"}
+def load_results(path: Path, profile: dict) -> dict:
+    data = json.loads(path.read_text()) if path.is_file() else {"runs": []}
+    data["runs"] = [normalize(r, profile) for r in data["runs"]]
+    if "fp32" in data and "fp" not in data:     # the older stories260K files
+        data["fp"] = {next(iter(profile["evals"])): data.pop("fp32")}
+    return data
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shared", type=Path, default=REPO.parent / "shared")
-    ap.add_argument("--models", default="opt-wt2-10m,llama-wt2-9m")
-    ap.add_argument("--methods", default=",".join(VARIANTS))
-    ap.add_argument("--bits", default="2,3,4")
-    ap.add_argument("--sweep-bits", default=None,
-                    help="bit widths at which the act-order variants are swept (default: all of --bits); "
-                         "elsewhere only the first variant of each method (no act-order) runs")
-    ap.add_argument("--attn-windows", type=int, default=64)
-    ap.add_argument("--nsamples", type=int, default=128, help="calibration windows (128 for the reported run)")
-    ap.add_argument("--max-windows", type=int, default=None,
-                    help="evaluate perplexity on the first N windows of each set (default: all)")
-    ap.add_argument("--work", type=Path, default=REPO / "benchmarks" / "_work")
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "quality.json")
-    ap.add_argument("--no-docs", action="store_true", help="do not rewrite docs/results.md and the plot")
+    ap.add_argument("--profile", choices=sorted(PROFILES), required=True)
+    ap.add_argument("--study", choices=sorted(STUDIES))
+    ap.add_argument("--report", action="store_true", help="only print the tables and write the plot")
+    ap.add_argument("--seeds", default="0,1,2,3,4")
+    ap.add_argument("--bits", default=None, help="override the study's bit widths, e.g. 2,3,4g128")
+    ap.add_argument("--variants", default=None, help="override the study's variants")
+    ap.add_argument("--nsamples", default=None, help="override the calibration window counts (default: the profile's)")
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--errors", type=int, default=0,
+                    help="also the per-block/per-layer output errors on this many windows of every evaluation text")
+    ap.add_argument("--keep", action="store_true", help="keep the quantized checkpoints in --work")
+    ap.add_argument("--shared", type=Path, default=Path(os.environ.get("LOWMEM_BOA_SHARED", REPO.parent / "shared")))
+    ap.add_argument("--work", type=Path, default=REPO / "benchmarks" / "_work" / "quality")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--plot", type=Path, default=None, help="--report: write the plot here")
     args = ap.parse_args(argv)
-    sweep_bits = set(map(int, (args.sweep_bits or args.bits).split(",")))
-    from transformers import AutoTokenizer
-    data_dir = str(args.shared / "data")
-    cpu, budget = torch.device("cpu"), 16 * 2 ** 30
-    results = {"command": "python benchmarks/quality.py " + " ".join(argv or sys.argv[1:]), "runs": [],
-               "setup": {"nsamples": args.nsamples, "max_windows": args.max_windows, "seqlen": SEQLEN, "seed": SEED,
-                         "torch": torch.__version__,
-                         "sweep_bits": sorted(sweep_bits),
-                         "threads": torch.get_num_threads()}}
-    args.work.mkdir(parents=True, exist_ok=True)
-
-    def save():
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=1))
-
-    for model in args.models.split(","):
-        mdir = args.shared / "models" / model
-        tok = AutoTokenizer.from_pretrained(mdir)
-        sets = {name: eval_windows(tok, load_source(name, "test" if name != "c4" else "valid", data_dir), SEQLEN,
-                                   args.max_windows) for name in ("wikitext2", "ptb", "c4")}
-        held = eval_windows(tok, load_source("wikitext2", "valid", data_dir), SEQLEN, args.attn_windows)
-        calib_file = args.work / f"{model}-calib.pt"
-        torch.save(calib_windows := calibration_windows(tok, load_source("wikitext2", "train", data_dir),
-                                                        args.nsamples, SEQLEN, SEED), calib_file)
-        fp = {name: streaming_nll(mdir, w, cpu, budget)["ppl"] for name, w in sets.items()}
-        results["runs"].append({"model": model, "method": "fp32", "variant": "fp32", "bits": 32, "selected": True,
-                                "ppl": fp, "windows": {k: int(v.shape[0]) for k, v in sets.items()}})
-        print(f"{model} fp32: " + " ".join(f"{k} {v:.3f}" for k, v in fp.items()), flush=True)
-        save()
-        for bits in map(int, args.bits.split(",")):
-            for method in args.methods.split(","):
-                group = []
-                for variant, flags in VARIANTS[method][:None if bits in sweep_bits else 1]:
-                    out = args.work / f"{model}-{variant}-w{bits}"
-                    q = quantize(mdir, variant, flags, bits, out, calib_file, data_dir, args.nsamples)
-                    ppl = {"wikitext2": streaming_nll(out, sets["wikitext2"], cpu, budget)["ppl"]}
-                    att = [a["rel_error"] for a in attention_output_errors(mdir, out, held, cpu, budget)]
-                    row = {"model": model, "method": method, "variant": variant, "bits": bits, "ppl": ppl,
-                           "attn_rel_error": att, "quant_seconds": q["seconds"], "peak_rss_bytes": q["peak_rss_bytes"],
-                           "ledger_peak_bytes": q["ledger_peak_bytes"], "tool": q["tool"], "selected": False,
-                           "out": str(out)}
-                    group.append(row)
-                    print(f"{model} W{bits} {variant}: wikitext2 {ppl['wikitext2']:.3f} · attn "
-                          + " ".join(f"{e:.4f}" for e in att) + f" · {q['seconds']:.1f} s", flush=True)
-                best = min(group, key=lambda r: r["ppl"]["wikitext2"])
-                best["selected"] = True
-                for name in ("ptb", "c4"):
-                    best["ppl"][name] = streaming_nll(Path(best["out"]), sets[name], cpu, budget)["ppl"]
-                print(f"  -> {best['variant']}: ptb {best['ppl']['ptb']:.3f} c4 {best['ppl']['c4']:.3f}", flush=True)
-                results["runs"].extend(group)
-                save()
-        del calib_windows
-    save()
-    print(markdown(results))
-    if not args.no_docs:
-        write_docs(results)
-
-
-def _mb(x):
-    return "–" if x is None else f"{x / 2 ** 20:.0f}"
-
-
-def markdown(results: dict) -> str:
-    lines = ["| model | bits | method (reported variant) | WikiText-2 | PTB | C4 | attention-output error, mean of blocks | "
-             "quant. time (s) | peak RSS (MiB) | ledger peak (MiB) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in results["runs"]:
-        if not r["selected"]:
-            continue
-        p = r["ppl"]
-        att = r.get("attn_rel_error")
-        name = r["method"] + (f" ({r['variant']})" if r["variant"] != r["method"] else "")
-        lines.append(f"| {r['model']} | {r['bits']} | {name}"
-                     + f" | {p['wikitext2']:.3f} | {p['ptb']:.2f} | {p['c4']:.3f} | "
-                     + (f"{sum(att) / len(att):.5f}" if att else "–") + " | "
-                     + (f"{r['quant_seconds']:.1f}" if "quant_seconds" in r else "–")
-                     + f" | {_mb(r.get('peak_rss_bytes'))} | {_mb(r.get('ledger_peak_bytes'))} |")
-    return "\n".join(lines)
-
-
-def variants_table(results: dict) -> str:
-    lines = ["| model | bits | variant | WikiText-2 | attention-output error per block | reported |",
-             "|---|---|---|---|---|---|"]
-    for r in results["runs"]:
-        if r["method"] in ("gptq", "boa", "boa-noblockv", "gptq-minmax", "llmc-gptq") and "attn_rel_error" in r:
-            lines.append(f"| {r['model']} | {r['bits']} | {r['variant']} | {r['ppl']['wikitext2']:.3f} | "
-                         + " / ".join(f"{e:.4f}" for e in r["attn_rel_error"]) + f" | {'yes' if r['selected'] else ''} |")
-    return "\n".join(lines)
-
-
-def write_docs(results: dict) -> None:
-    (REPO / "docs" / "results_tables.md").write_text(
-        "<!-- generated by benchmarks/quality.py: do not edit -->\n\n## Reported rows\n\n" + markdown(results)
-        + "\n\n## All variants (WikiText-2 PPL and per-block attention-output error)\n\n" + variants_table(results) + "\n")
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot (pip install matplotlib)")
+    profile = PROFILES[args.profile]
+    texts = list(profile["evals"])
+    out = args.out or REPO / "benchmarks" / "results" / f"quality_{args.profile}.json"
+    data = load_results(out, profile)
+    if args.report:
+        summary = summarize(data["runs"], texts)
+        print(markdown(summary, data["fp"], texts))
+        for t in texts:
+            if any(t in r.get("errors", {}) for r in data["runs"]):
+                print("\n" + errors_table(data["runs"], t))
+                if any("block_rel_error" in (r.get("errors", {}).get(t) or [{}])[0] for r in data["runs"]):
+                    print("\n" + errors_table(data["runs"], t, "block_rel_error"))
+        if args.plot:
+            plot(summary, data["fp"], texts, args.profile, args.plot)
         return
-    models = sorted({r["model"] for r in results["runs"]})
-    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
-    for ax, model in zip(axes[0], models):
-        fp = next(r for r in results["runs"] if r["model"] == model and r["method"] == "fp32")["ppl"]["wikitext2"]
-        for method in VARIANTS:
-            rows = sorted((r for r in results["runs"] if r["model"] == model and r["method"] == method and r["selected"]),
-                          key=lambda r: r["bits"])
-            if rows:
-                ax.plot([r["bits"] for r in rows], [r["ppl"]["wikitext2"] / fp for r in rows], marker="o", label=method)
-        ax.axhline(1.0, color="gray", lw=0.8, ls="--")
-        ax.set_title(f"{model} (fp32 WikiText-2 PPL {fp:.2f})")
-        ax.set_xlabel("weight bits")
-        ax.set_ylabel("WikiText-2 PPL / fp32")
-        ax.set_xticks([2, 3, 4])
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(REPO / "docs" / "results_ppl.png", dpi=110)
+    if not args.study:
+        ap.error("--study or --report")
+    st = STUDIES[args.study]
+    bits = args.bits.split(",") if args.bits else st["bits"]
+    variants = args.variants.split(",") if args.variants else st["variants"]
+    nsamples = [int(n) for n in args.nsamples.split(",")] if args.nsamples else \
+        [profile["nsamples"] if n is None else n for n in st["nsamples"]]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    data.setdefault("commands", []).append(f"python benchmarks/quality.py --profile {args.profile} "
+                                           + " ".join(argv if argv is not None else sys.argv[3:]))
+    data["profile"] = {k: (str(v()) if callable(v) else v) for k, v in profile.items()} | {"name": args.profile}
+    done = {(r["variant"], r["bits"], r["seed"], r["nsamples"]) for r in data["runs"]}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if "fp" not in data:
+        import torch
+        from lowmem_boa.eval import streaming_nll
+        torch.set_num_threads(max(1, 2 // args.jobs))
+        mdir = model_dir(profile, args.shared)
+        data["fp"] = {t: streaming_nll(mdir, w, torch.device("cpu"), EVAL_BUDGET)["ppl"]
+                      for t, w in eval_sets(args.profile, args.shared).items()}
+        out.write_text(json.dumps(data, indent=1))
+    print("fp: " + " ".join(f"{t} {v:.4f}" for t, v in data["fp"].items()), flush=True)
+    jobs = [{"profile": args.profile, "variant": v, "bits": b, "seed": s, "nsamples": n, "shared": str(args.shared),
+             "work": str(args.work), "threads": max(1, 2 // args.jobs), "errors": args.errors, "keep": args.keep}
+            for b in bits for n in nsamples for v in variants for s in seeds if (v, b, s, n) not in done]
+    if any(j["variant"] == "llmc-gptq" for j in jobs):
+        ensure_llmc_venv()
+    args.work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    # spawn, not fork: a forked child of a process that already ran torch's thread pool can hang
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
+        for row in ex.map(run_one, jobs):
+            data["runs"].append(row)
+            out.write_text(json.dumps(data, indent=1))
+            print(f"{row['variant']:>16} W{row['bits']} n{row['nsamples']} seed {row['seed']}: "
+                  + " ".join(f"{t} {p:.3f}" for t, p in row["ppl"].items())
+                  + f" ({row['quant_seconds']:.0f} s + eval {row['eval_seconds']:.0f} s)", flush=True)
+    print(f"{len(jobs)} runs in {time.perf_counter() - t0:.0f} s")
+    print(markdown(summarize(data["runs"], texts), data["fp"], texts))
 
 
 if __name__ == "__main__":
