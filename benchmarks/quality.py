@@ -308,13 +308,16 @@ def errors_table(runs: list[dict], text: str, key: str = "rel_error", ref: str =
         if e and key in e[0]:
             acc.setdefault((r["bits"], r["variant"]), []).append([b[key] for b in e])
     mean = {k: [statistics.fmean(col) for col in zip(*v)] for k, v in acc.items()}
-    lines = [f"| bits | variant | seeds | {key} per block on {text} (mean over seeds) | / {ref} per block |",
-             "|---|---|---|---|---|"]
+    lines = [f"| bits | variant | seeds | {key} on {text}: mean of blocks | / {ref} (mean of blocks) | blocks below "
+             f"{ref} | per block (mean over seeds) | / {ref} per block |", "|---|---|---|---|---|---|---|---|"]
     for (bits, variant), m in sorted(mean.items()):
-        g = mean.get((bits, ref))
-        ratio = " / ".join(f"{a / b:.3f}" for a, b in zip(m, g)) if g and variant != ref else "–"
-        lines.append(f"| {bits} | {variant} | {len(acc[(bits, variant)])} | " + " / ".join(f"{e:.4f}" for e in m)
-                     + f" | {ratio} |")
+        g = mean.get((bits, ref)) if variant != ref else None
+        ratios = [a / b for a, b in zip(m, g)] if g else []
+        lines.append(f"| {bits} | {variant} | {len(acc[(bits, variant)])} | {statistics.fmean(m):.4f} | "
+                     + (f"{statistics.fmean(m) / statistics.fmean(g):.3f} | {sum(r < 1 for r in ratios)}/{len(m)}"
+                        if g else "– | –")
+                     + " | " + " / ".join(f"{e:.4f}" for e in m) + " | "
+                     + (" / ".join(f"{r:.3f}" for r in ratios) or "–") + " |")
     return "\n".join(lines)
 
 
@@ -432,6 +435,10 @@ def main(argv=None):
                 print("\n" + errors_table(data["runs"], t))
                 if any("block_rel_error" in (r.get("errors", {}).get(t) or [{}])[0] for r in data["runs"]):
                     print("\n" + errors_table(data["runs"], t, "block_rel_error"))
+                    for b in sorted({r["bits"] for r in data["runs"] if t in r.get("errors", {})}):
+                        vs = sorted({r["variant"] for r in data["runs"] if r["bits"] == b and t in r.get("errors", {})},
+                                    key=lambda v: (v != "gptq", v))
+                        print(f"\nbits {b}:\n" + layer_errors_table(data["runs"], t, vs, b))
         if args.plot:
             plot(summary, data["fp"], texts, args.profile, args.plot)
         return
