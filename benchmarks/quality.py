@@ -87,6 +87,8 @@ VARIANTS = {
     "gptq-damp03": ["--method", "gptq", "--percdamp", "0.03"],
     "gptq-damp10": ["--method", "gptq", "--percdamp", "0.1"],
     "boa-default": ["--method", "boa"],
+    "boa-default-seq": ["--method", "boa", "--true-sequential"],
+    "boa-default-search": ["--method", "boa", "--search-orders"],
     "boa": ["--method", "boa", "--no-mlp-row-hessian"],
     "boa-noblockv": ["--method", "boa", "--no-block-v", "--no-mlp-row-hessian"],
     "boa-novrow": ["--method", "boa", "--no-v-row-hessian", "--no-mlp-row-hessian"],   # the official code's configuration
@@ -127,6 +129,9 @@ STUDIES = {
     "fpt": {"bits": ["2"], "variants": ["gptq", "boa", "gptq-fpt", "boa-fpt"], "nsamples": [None]},
     "mlprow": {"bits": ["2", "3", "4"], "variants": ["gptq", "boa", "boa-mlprow", "boa-mlprow-full", "boa-mlprow-search"],
                "nsamples": [None]},
+    "defaults": {"bits": ["2"], "variants": ["gptq", "boa-default", "boa", "gptq-seq", "boa-default-seq",
+                                             "boa-mlprow-rd1", "boa-default-search", "boa-noblockv", "gptq-damp03",
+                                             "boa-damp03"], "nsamples": [None]},
     "damp": {"bits": ["2"], "variants": ["gptq", "boa", "gptq-damp03", "boa-damp03", "gptq-damp10", "boa-damp10"],
              "nsamples": [None]},
 }
