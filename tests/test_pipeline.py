@@ -2,10 +2,8 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,7 @@ from lowmem_boa.pipeline import prepare_run, quantize_model
 from lowmem_boa.scheduler import PlanError
 from lowmem_boa.ui import Console
 
-from tiny_models import DATA, REPO, needs_shared, save_tiny_model
+from tiny_models import DATA, REPO, needs_shared, run_quant_killed_after, save_tiny_model
 
 pytestmark = needs_shared
 
@@ -174,20 +172,7 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
     r = _cli(*_args(model, ref))
     assert r.returncode == 0, r.stderr
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, str(REPO / "run_quant.py"), *_args(model, out)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    manifest = out / "quant_state" / "manifest.json"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        try:
-            if len(json.loads(manifest.read_text())["blocks"]) >= 2:
-                break
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = len(json.loads(manifest.read_text())["blocks"])
+    done = run_quant_killed_after(_args(model, out), out, 2, timeout=300)
     assert 2 <= done < 6, "kill the run in the middle"
     assert not (out / "model.safetensors").exists()
     r = _cli(*_args(model, out))

@@ -10,10 +10,8 @@ Hessian grid, ~5 s per block here.) The model is built once from its registry pa
 
 import json
 import math
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -22,7 +20,7 @@ from safetensors.torch import load_file
 from lowmem_boa.data import eval_windows, load_source
 from lowmem_boa.eval import streaming_nll
 
-from tiny_models import DATA, REPO, needs_shared, smollm2_dir
+from tiny_models import DATA, REPO, needs_shared, run_quant_killed_after, smollm2_dir
 
 pytestmark = needs_shared
 CPU = torch.device("cpu")
@@ -59,20 +57,7 @@ def test_smollm2_boa_2bit_kill_and_resume_is_bit_identical(smollm2, tmp_path):
 
     # killed in the middle, rerun with the same command: resumes and gives the same bits
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, str(REPO / "run_quant.py"), *_args(smollm2, out, *minmax)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    manifest = out / "quant_state" / "manifest.json"
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if len(json.loads(manifest.read_text())["blocks"]) >= 8:
-                break
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = len(json.loads(manifest.read_text())["blocks"])
+    done = run_quant_killed_after(_args(smollm2, out, *minmax), out, 8)
     assert 8 <= done < BLOCKS, "kill the run in the middle"
     r = _cli(*_args(smollm2, out, *minmax))
     assert r.returncode == 0, r.stderr

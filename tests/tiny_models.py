@@ -93,3 +93,27 @@ def smollm2_dir() -> Path:
             raise RuntimeError(msg)
         pytest.skip(msg)
     return out
+
+
+def run_quant_killed_after(args: list, out: Path, blocks: int, timeout: float = 600) -> int:
+    """Start ``run_quant.py ARGS`` (output ``out``), SIGKILL it once its manifest lists ``blocks``
+    finished blocks (or it ended, or ``timeout``); return how many blocks the manifest lists then."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+    proc = subprocess.Popen([sys.executable, str(REPO / "run_quant.py"), *args], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    manifest = Path(out) / "quant_state" / "manifest.json"
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if len(json.loads(manifest.read_text())["blocks"]) >= blocks:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return len(json.loads(manifest.read_text())["blocks"])
