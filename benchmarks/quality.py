@@ -463,8 +463,8 @@ def main(argv=None):
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         ap.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
-    data.setdefault("commands", []).append(f"python benchmarks/quality.py --profile {args.profile} "
-                                           + " ".join(argv if argv is not None else sys.argv[3:]))
+    data.setdefault("commands", []).append("python benchmarks/quality.py "
+                                           + " ".join(argv if argv is not None else sys.argv[1:]))
     data["profile"] = {k: (str(v()) if callable(v) else v) for k, v in profile.items()} | {"name": args.profile}
     done = {(r["variant"], r["bits"], r["seed"], r["nsamples"]) for r in data["runs"]}
     out.parent.mkdir(parents=True, exist_ok=True)
