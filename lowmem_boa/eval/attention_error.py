@@ -22,10 +22,21 @@ from pathlib import Path
 
 import torch
 
-from ..forward import block_forward, capture_output, first_block_inputs
+from ..forward import block_forward, first_block_inputs
 from ..models import get_adapter
 from ..scheduler import ActivationStore, Ledger, Scheduler, build_skeleton, load_config, open_checkpoint
 from ..scheduler.planner import make_eval_plan
+
+
+OUT = "attention output"
+
+
+def _keep_output(block: torch.nn.Module, layer: str, box: dict):
+    """Keep ``block.<layer>``'s output in ``box[OUT]`` whenever the block runs (one forward gives
+    both the attention output and the block output)."""
+    def hook(module, args, out):
+        box[OUT] = out[0] if isinstance(out, tuple) else out
+    return block.get_submodule(layer).register_forward_hook(hook)
 
 
 def _sq(t: torch.Tensor) -> float:
@@ -61,10 +72,11 @@ def attention_output_errors(fp_dir: str | Path, q_dir: str | Path, windows: torc
                 inputs = {}
                 hooks = [blk.get_submodule(l).register_forward_pre_hook(
                     lambda m, a, l=l: inputs.__setitem__(l, a[0])) for l in linears]
+                hooks.append(_keep_output(blk, adapter.o_proj, inputs))
                 try:
                     for i0, i1, x in sch.chunks(store.inputs, plan.chunk):
-                        attn_fp[i0:i1] = sch.to_host(capture_output(blk, adapter.o_proj, x, kwargs).float())
                         sch.store(store.outputs, i0, i1, block_forward(blk, x, kwargs))
+                        attn_fp[i0:i1] = sch.to_host(inputs[OUT].float())
                         for l in linears:
                             xi = inputs[l].float()
                             lay[l][0] += _sq(xi @ dW[l].float().T)
@@ -78,13 +90,19 @@ def attention_output_errors(fp_dir: str | Path, q_dir: str | Path, windows: torc
                     sch.free(f"dW {l}")
             err = ref = b_err = b_ref = 0.0
             with sch.resident([name], f"block {i} (quantized)", weights=q_weights) as (blk,):
-                for i0, i1, x in sch.chunks(store.inputs, plan.chunk):
-                    y = sch.to_host(capture_output(blk, adapter.o_proj, x, kwargs).float())
-                    err += _sq(y - attn_fp[i0:i1])
-                    ref += _sq(attn_fp[i0:i1])
-                    y_fp = store.outputs.get(i0, i1).float()
-                    b_err += _sq(sch.to_host(block_forward(blk, x, kwargs).float()) - y_fp)
-                    b_ref += _sq(y_fp - sch.to_host(x.float()))
+                box = {}
+                hook = _keep_output(blk, adapter.o_proj, box)
+                try:
+                    for i0, i1, x in sch.chunks(store.inputs, plan.chunk):
+                        yb = sch.to_host(block_forward(blk, x, kwargs).float())
+                        y = sch.to_host(box[OUT].float())
+                        err += _sq(y - attn_fp[i0:i1])
+                        ref += _sq(attn_fp[i0:i1])
+                        y_fp = store.outputs.get(i0, i1).float()
+                        b_err += _sq(yb - y_fp)
+                        b_ref += _sq(y_fp - sch.to_host(x.float()))
+                finally:
+                    hook.remove()
             out.append({"block": i, "sq_error": err, "sq_reference": ref, "rel_error": err / ref if ref else 0.0,
                         "block_rel_error": b_err / b_ref if b_ref else 0.0,
                         "layers": {l: (e / r if r else 0.0) for l, (e, r) in lay.items()},
