@@ -48,7 +48,7 @@ import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,7 +67,8 @@ PROFILES = {
     "smollm2-135m": dict(model=smollm2_dir, calib=("wikitext2", "train"), seqlen=2048, nsamples=128,
                          evals={"wikitext2": ("wikitext2", "test"), "c4": ("c4", "valid")}, eval_windows=None),
     "smollm2-135m-fast": dict(model=smollm2_dir, calib=("wikitext2", "train"), seqlen=2048, nsamples=128,
-                              evals={"wikitext2": ("wikitext2", "test"), "c4": ("c4", "valid")}, eval_windows=32),
+                              evals={"wikitext2": ("wikitext2", "test"), "c4": ("c4", "valid")}, eval_windows=32,
+                              runs="smollm2-135m"),
     "smollm2-135m-ref": dict(model=smollm2_dir, calib=("wikitext2", "train"), seqlen=512, nsamples=32,
                              evals={"wikitext2": ("wikitext2", "test"), "c4": ("c4", "valid")}, eval_windows=64),
     "stories260K": dict(model="stories260K", calib=("file", "tinystories/train.txt"), seqlen=512, nsamples=128,
@@ -117,6 +118,17 @@ VARIANTS = {
     "boa-mlprow-rd1": ["--method", "boa", "--mlp-row-hessian", "--mlp-row-damp", "1"],
     "boa-mlprow-full": ["--method", "boa", "--mlp-row-hessian", "--mlp-row-group", "100000"],
     "boa-mlprow-search": ["--method", "boa", "--mlp-row-hessian", "--search-orders"],
+    # issue 17's corrections: alpha-scaled fp targets (GPTAQ/TurboBoA alpha 0.25), refined scales,
+    # BoA grids that follow the updated rows
+    "gptq-rs": ["--method", "gptq", "--refine-scales", "1"],
+    "gptq-fpa": ["--method", "gptq", "--fp-targets", "--fp-alpha", "0.25"],
+    "gptq-turbo": ["--method", "gptq", "--fp-targets", "--fp-alpha", "0.25", "--refine-scales", "1"],
+    "boa-rs": ["--method", "boa", "--refine-scales", "1"],
+    "boa-follow-rs": ["--method", "boa", "--follow-grids", "--refine-scales", "1"],
+    "boa-fpa": ["--method", "boa", "--fp-targets", "--fp-alpha", "0.25"],
+    "boa-turbo": ["--method", "boa", "--fp-targets", "--fp-alpha", "0.25", "--follow-grids", "--refine-scales", "1"],
+    "boa-paper-turbo": ["--method", "boa", "--no-mlp-row-hessian", "--fp-targets", "--fp-alpha", "0.25",
+                        "--follow-grids", "--refine-scales", "1"],
     "llmc-gptq": None,   # llm-compressor's GPTQModifier in its own virtualenv (benchmarks/llmc_gptq.py)
 }
 
@@ -137,6 +149,8 @@ STUDIES = {
     "defaults": {"bits": ["2"], "variants": ["gptq", "boa-default", "boa", "gptq-seq", "boa-default-seq",
                                              "boa-mlprow-rd1", "boa-default-search", "boa-noblockv", "gptq-damp03",
                                              "boa-damp03"], "nsamples": [None]},
+    "turbo": {"bits": ["2"], "variants": ["gptq", "boa-default", "gptq-turbo", "boa-turbo", "gptq-rs", "gptq-fpa",
+                                          "boa-rs", "boa-follow-rs", "boa-fpa", "boa-paper-turbo"], "nsamples": [None]},
     "damp": {"bits": ["2"], "variants": ["gptq", "boa", "gptq-damp03", "boa-damp03", "gptq-damp10", "boa-damp10"],
              "nsamples": [None]},
 }
@@ -192,17 +206,24 @@ def calib_flags(profile: dict, shared: Path) -> list[str]:
 
 
 def run_dir(work: Path, job: dict) -> Path:
-    return work / job["profile"] / f"{job['variant']}-w{job['bits']}-n{job['nsamples']}-s{job['seed']}"
+    """Where a run's checkpoint lives. Profiles with the same calibration share it (``runs``): a
+    checkpoint kept (``--keep``) by the fast screen is evaluated by the full protocol without
+    quantizing again (run_quant finds the finished run and does no work)."""
+    return work / PROFILES[job["profile"]].get("runs", job["profile"]) / f"{job['variant']}-w{job['bits']}-n{job['nsamples']}-s{job['seed']}"
 
 
 def run_one(job: dict) -> dict:
-    """Quantize one configuration and evaluate it (runs in a worker process)."""
+    """Quantize one configuration and evaluate it (runs in a worker process). The variant ``fp``
+    evaluates the unquantized model (the profile's baseline, a job like the others)."""
     import torch
     torch.set_num_threads(job["threads"])
     from lowmem_boa.eval import attention_output_errors, streaming_nll
     shared, work = Path(job["shared"]), Path(job["work"])
     profile = PROFILES[job["profile"]]
     mdir = model_dir(profile, shared)
+    if job["variant"] == "fp":
+        return {"variant": "fp", "ppl": {t: streaming_nll(mdir, w, torch.device("cpu"), EVAL_BUDGET)["ppl"]
+                                         for t, w in eval_sets(job["profile"], shared).items()}}
     out = run_dir(work, job)
     t0 = time.perf_counter()
     report = {}
@@ -425,6 +446,8 @@ def main(argv=None):
     ap.add_argument("--variants", default=None, help="override the study's variants")
     ap.add_argument("--nsamples", default=None, help="override the calibration window counts (default: the profile's)")
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads per job (default: 2 // --jobs; --jobs 1 --threads 1 leaves a core free)")
     ap.add_argument("--errors", type=int, default=0,
                     help="also the per-block/per-layer output errors on this many windows of every evaluation text")
     ap.add_argument("--keep", action="store_true", help="keep the quantized checkpoints in --work")
@@ -468,30 +491,29 @@ def main(argv=None):
     data["profile"] = {k: (str(v()) if callable(v) else v) for k, v in profile.items()} | {"name": args.profile}
     done = {(r["variant"], r["bits"], r["seed"], r["nsamples"]) for r in data["runs"]}
     out.parent.mkdir(parents=True, exist_ok=True)
-    if "fp" not in data:
-        import torch
-        from lowmem_boa.eval import streaming_nll
-        torch.set_num_threads(max(1, 2 // args.jobs))
-        mdir = model_dir(profile, args.shared)
-        data["fp"] = {t: streaming_nll(mdir, w, torch.device("cpu"), EVAL_BUDGET)["ppl"]
-                      for t, w in eval_sets(args.profile, args.shared).items()}
-        out.write_text(json.dumps(data, indent=1))
-    print("fp: " + " ".join(f"{t} {v:.4f}" for t, v in data["fp"].items()), flush=True)
-    jobs = [{"profile": args.profile, "variant": v, "bits": b, "seed": s, "nsamples": n, "shared": str(args.shared),
-             "work": str(args.work), "threads": max(1, 2 // args.jobs), "errors": args.errors, "keep": args.keep}
-            for b in bits for n in nsamples for v in variants for s in seeds if (v, b, s, n) not in done]
+    base = {"profile": args.profile, "shared": str(args.shared), "work": str(args.work),
+            "threads": args.threads or max(1, 2 // args.jobs), "errors": args.errors, "keep": args.keep}
+    jobs = [] if "fp" in data else [base | {"variant": "fp"}]   # the baseline runs beside the first job
+    jobs += [base | {"variant": v, "bits": b, "seed": s, "nsamples": n}
+             for b in bits for n in nsamples for v in variants for s in seeds if (v, b, s, n) not in done]
     if any(j["variant"] == "llmc-gptq" for j in jobs):
         ensure_llmc_venv()
     args.work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     # spawn, not fork: a forked child of a process that already ran torch's thread pool can hang
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
-        for row in ex.map(run_one, jobs):
-            data["runs"].append(row)
+        futures = [ex.submit(run_one, j) for j in jobs]
+        for fut in as_completed(futures):   # each row is saved as soon as its run ends
+            row = fut.result()
+            if row["variant"] == "fp":
+                data["fp"] = row["ppl"]
+                print("fp: " + " ".join(f"{t} {v:.4f}" for t, v in data["fp"].items()), flush=True)
+            else:
+                data["runs"].append(row)
+                print(f"{row['variant']:>16} W{row['bits']} n{row['nsamples']} seed {row['seed']}: "
+                      + " ".join(f"{t} {p:.3f}" for t, p in row["ppl"].items())
+                      + f" ({row['quant_seconds']:.0f} s + eval {row['eval_seconds']:.0f} s)", flush=True)
             out.write_text(json.dumps(data, indent=1))
-            print(f"{row['variant']:>16} W{row['bits']} n{row['nsamples']} seed {row['seed']}: "
-                  + " ".join(f"{t} {p:.3f}" for t, p in row["ppl"].items())
-                  + f" ({row['quant_seconds']:.0f} s + eval {row['eval_seconds']:.0f} s)", flush=True)
     print(f"{len(jobs)} runs in {time.perf_counter() - t0:.0f} s")
     print(markdown(summarize(data["runs"], texts), data["fp"], texts))
 

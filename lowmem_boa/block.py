@@ -200,7 +200,7 @@ class BlockQuantizer:
         with self._phase(PHASE_SOLVE), self.sch.workspace(f"fp target {name}", fp_target_workspace(*W.shape)):
             H_dev = self.sch.to_device(H, f"H fp-target {name}")
             C_dev = self.sch.to_device(C, f"C fp-target {name}")
-            lin.weight.data = fp_target_weight(W, H_dev, C_dev, self.qc.percdamp)
+            lin.weight.data = fp_target_weight(W, H_dev, C_dev, self.qc.percdamp, self.qc.fp_alpha)
             del H_dev, C_dev
             self.sch.free(f"H fp-target {name}")
             self.sch.free(f"C fp-target {name}")
@@ -245,11 +245,12 @@ class BlockQuantizer:
                 for col, row in self._orders(H_row is not None, search):
                     if H_row is not None:
                         res = boa_quantize(W, H_dev, Hr_dev, n_heads, qc.wbits, act_order_col=col, act_order_row=row,
-                                           block_size=qc.block_size, overwrite_hessians=not search, **common)
+                                           block_size=qc.block_size, overwrite_hessians=not search,
+                                           follow_grids=qc.follow_grids, refine_sweeps=qc.refine_scales, **common)
                         loss = float(attention_loss(W, res.Q, H_dev, Hr_dev, f32))
                     else:
                         res = gptq_quantize(W, H_dev, qc.wbits, act_order=col, block_size=qc.block_size,
-                                            overwrite_hessians=not search, **common)
+                                            overwrite_hessians=not search, refine_sweeps=qc.refine_scales, **common)
                         loss = float(layer_loss(W, res.Q, H_dev, f32)) if search else None  # 2RC^2 flops: only if compared
                     tag = "+".join(n for n, on in (("col", col), ("row", row)) if on) or "none"
                     losses[tag] = loss

@@ -48,6 +48,9 @@ class QuantConfig:
     mlp_row_group: int = 128        # ... block-diagonal in groups of at most this many rows
     mlp_row_damp: float = 0.0       # ... plus this fraction of each group's mean diagonal (towards GPTQ's rows)
     fp_targets: bool = False        # fit Q X~ to the fp model's W X (asymmetric calibration)
+    fp_alpha: float = 1.0           # ... moving the target this fraction of the way (GPTAQ/TurboBoA's alpha)
+    follow_grids: bool = False      # BoA: a row's grid searched on the row as updated, right before it is swept
+    refine_scales: int = 0          # GPTQ/BoA: coordinate-descent sweeps of scale refinement once codes are fixed
     percdamp: float = 0.01
     block_size: int = 128
     calib: str = "wikitext2"
@@ -82,6 +85,10 @@ class QuantConfig:
             raise ValueError(f"--mlp-row-group must be positive, got {self.mlp_row_group}")
         if not 0 <= self.mlp_row_damp < 1e6:
             raise ValueError(f"--mlp-row-damp must be non-negative, got {self.mlp_row_damp}")
+        if not 0 < self.fp_alpha <= 1:
+            raise ValueError(f"--fp-alpha must be in (0, 1], got {self.fp_alpha}")
+        if not isinstance(self.refine_scales, int) or self.refine_scales < 0:
+            raise ValueError(f"--refine-scales must be a non-negative integer, got {self.refine_scales!r}")
         if self.fp_targets and self.method == "rtn":
             raise ValueError("--fp-targets needs calibration solves: use --method gptq or boa")
         if self.fp_targets and self.true_sequential:
@@ -103,7 +110,7 @@ class QuantConfig:
         return {k: v for k, v in asdict(self).items() if k not in ADDED_LATER or v != ADDED_LATER[k]}
 
 
-ADDED_LATER = {"mlp_row_damp": 0.0}   # option -> its default (see QuantConfig.state_dict)
+ADDED_LATER = {"mlp_row_damp": 0.0, "fp_alpha": 1.0, "follow_grids": False, "refine_scales": 0}   # option -> its default (see QuantConfig.state_dict)
 
 
 @dataclass

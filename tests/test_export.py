@@ -19,13 +19,19 @@ from tiny_models import SHARED, needs_shared, save_tiny_model
 pytestmark = needs_shared
 
 
-@pytest.fixture(scope="module", params=[(2, None, False), (3, 32, False), (4, 16, True), (8, None, True)],
-                ids=["w2", "w3g32", "w4g16sym", "w8sym"])
+# the last case: refined scales (and grids that follow the weights, static groups, alpha-scaled fp targets)
+TURBO = dict(fp_targets=True, fp_alpha=0.25, follow_grids=True, refine_scales=2, act_order_col=True)
+
+
+@pytest.fixture(scope="module", params=[(2, None, False, {}), (3, 32, False, {}), (4, 16, True, {}), (8, None, True, {}),
+                                        (2, 32, False, TURBO)],
+                ids=["w2", "w3g32", "w4g16sym", "w8sym", "w2g32-refined"])
 def run(request, tmp_path_factory):
-    bits, gs, sym = request.param
+    bits, gs, sym, extra = request.param
     root = tmp_path_factory.mktemp("export")
     model = save_tiny_model("llama", root / "m", seed=7, n_layers=2)
-    qc = QuantConfig(model=str(model), method="boa", wbits=bits, group_size=gs, sym=sym, nsamples=4, seqlen=32)
+    qc = QuantConfig(model=str(model), method="boa", wbits=bits, group_size=gs, sym=sym, nsamples=4, seqlen=32,
+                     **extra)
     ro = RunOptions(output=str(root / "q"), device="cpu", data_dir=str(SHARED / "data"), progress=False)
     quantize_model(qc, ro, Console(progress=False))
     return root / "q", bits, gs, sym

@@ -87,3 +87,52 @@ def test_torch_inner_loop_equals_numpy_inner_loop(monkeypatch, group_size):
     g_b = gptq_quantize(W, H_col[0], 2, group_size=group_size, block_size=16)
     assert torch.allclose(a.Q, b.Q, atol=1e-12) and torch.equal(a.codes, b.codes)
     assert torch.allclose(g_a.Q, g_b.Q, atol=1e-12) and torch.equal(g_a.codes, g_b.codes)
+
+
+@pytest.mark.parametrize("act_order_col,act_order_row", [(False, False), (True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("per_head_col", [False, True])
+@pytest.mark.parametrize("group_size", [None, 8])
+def test_follow_grids_and_refinement_fast_equal_reference(act_order_col, act_order_row, per_head_col, group_size):
+    """Grids searched on the updated rows (and the scale refinement after) give the same result
+    batched over heads as head by head, column by column; the first row's grid is the up-front one."""
+    n_heads, head_dim, d_col = 3, 5, 48
+    W, H_col, H_row = random_problem(6, d_col=d_col, n_heads=n_heads, head_dim=head_dim, per_head_col=per_head_col)
+    kw = dict(act_order_col=act_order_col, act_order_row=act_order_row, group_size=group_size, follow_grids=True)
+    fast = boa_quantize(W, H_col, H_row, n_heads, 2, block_size=16, **kw)
+    ref = boa_reference(W, H_col, H_row, n_heads, 2, **kw)
+    _assert_same(fast, ref, 1e-10)
+    plain = boa_quantize(W, H_col, H_row, n_heads, 2, block_size=16, **(kw | {"follow_grids": False}))
+    if group_size is None or act_order_col:     # static grids: following changes rows after the first
+        assert not torch.equal(fast.scale, plain.scale)
+        first = torch.arange(W.shape[0]).reshape(n_heads, head_dim)
+        if act_order_row:   # the first row swept in each head is the one with the largest diag(H_row)
+            first = first.gather(1, torch.argsort(torch.diagonal(H_row, dim1=-2, dim2=-1), dim=-1,
+                                                  descending=True, stable=True))
+        rows = first[:, 0]
+        assert torch.equal(fast.scale[rows], plain.scale[rows])
+    else:                                       # dynamic groups already follow the weights
+        assert torch.equal(fast.scale, plain.scale) and torch.equal(fast.codes, plain.codes)
+    fast_r = boa_quantize(W, H_col, H_row, n_heads, 2, block_size=16, refine_sweeps=2, **kw)
+    ref_r = boa_reference(W, H_col, H_row, n_heads, 2, refine_sweeps=2, **kw)
+    _assert_same(fast_r, ref_r, 1e-10)
+    assert torch.equal(fast_r.codes, fast.codes)
+    torch.testing.assert_close(fast_r.dequantize(), fast_r.Q, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("group_size", [None, 8])
+def test_refinement_lowers_the_damped_objective_and_keeps_codes(group_size):
+    from lowmem_boa.solvers import attention_loss, layer_loss
+    from lowmem_boa.solvers.hessian import add_damping
+    W, H_col, H_row = random_problem(7, d_col=48, n_heads=3, head_dim=5)
+    Hc, Hr = H_col.clone(), H_row.clone()
+    add_damping(Hc, 0.01)
+    add_damping(Hr, 0.01)
+    g0 = gptq_quantize(W, H_col, 2, group_size=group_size)
+    g1 = gptq_quantize(W, H_col, 2, group_size=group_size, refine_sweeps=1)
+    assert torch.equal(g0.codes, g1.codes) and torch.equal(g0.zero, g1.zero)
+    assert layer_loss(W, g1.Q, Hc) < layer_loss(W, g0.Q, Hc)
+    b0 = boa_quantize(W, H_col, H_row, 3, 2, group_size=group_size)
+    b1 = boa_quantize(W, H_col, H_row, 3, 2, group_size=group_size, refine_sweeps=1)
+    assert torch.equal(b0.codes, b1.codes)
+    assert attention_loss(W, b1.Q, Hc, Hr) < attention_loss(W, b0.Q, Hc, Hr)
+    assert b1.info["refine_sweeps"] == 1 and "refine_sweeps" not in b0.info

@@ -55,6 +55,22 @@ def test_damped_correction_is_the_ridge_solution_towards_the_original_weight():
     assert float(grad.abs().max()) < 1e-10
 
 
+@pytest.mark.parametrize("alpha", [0.25, 0.6])
+def test_alpha_minimises_the_weighted_objective_and_interpolates(alpha):
+    """``W'(alpha)`` zeroes the gradient of ``alpha mean||Q X~ - W X||^2 + (1 - alpha) mean||(Q - W) X~||^2
+    + lam ||Q - W||^2``; it lies ``alpha`` of the way from ``W`` to ``W'(1)``, and alpha = 1 is the default."""
+    W, X, Xq, H, C = _problem(seed=5)
+    T = X.shape[1]
+    p = 0.05
+    Wa = fp_target_weight(W, H, C, percdamp=p, alpha=alpha)
+    lam = p * torch.diagonal(H).mean()
+    grad = (alpha * (Wa @ Xq - W @ X) @ Xq.T + (1 - alpha) * ((Wa - W) @ Xq) @ Xq.T) / T + lam * (Wa - W)
+    assert float(grad.abs().max()) < 1e-10
+    W1 = fp_target_weight(W, H, C, percdamp=p)
+    torch.testing.assert_close(Wa, W + alpha * (W1 - W), rtol=1e-12, atol=1e-12)
+    assert torch.equal(fp_target_weight(W, H, C, percdamp=p, alpha=1.0), W1)
+
+
 def test_unperturbed_input_leaves_the_weight_unchanged_and_dead_channels_keep_their_column():
     W, X, _, H, _ = _problem(seed=3)
     assert torch.equal(fp_target_weight(W, H, H.clone()), W)
@@ -114,3 +130,27 @@ def test_pipeline_fp_targets_correct_later_blocks_and_resume_bit_identically(tmp
     again = load_file(fpt / "model.safetensors")
     for k in ref:
         assert torch.equal(ref[k], again[k]), k
+
+
+@needs_shared
+@pytest.mark.parametrize("method", ["gptq", "boa"])
+def test_pipeline_alpha_follow_and_refinement_resume_bit_identically(tmp_path, method):
+    """alpha-scaled fp targets, grids that follow the weights and refined scales: a run whose last
+    block file is damaged resumes to the same checkpoint bit for bit, and each option changes the result."""
+    model = save_tiny_model("llama", tmp_path / "m", seed=6, n_layers=3)
+    kw = dict(method=method, fp_targets=True, fp_alpha=0.25, follow_grids=method == "boa", refine_scales=1)
+    out = tmp_path / "q"
+    _quant(model, out, **kw)
+    ref = load_file(out / "model.safetensors")
+    blk = out / "quant_state" / "block_0002.safetensors"
+    blk.write_bytes(blk.read_bytes()[:100])
+    _quant(model, out, **kw)
+    assert json.loads((out / "quant_report.json").read_text())["resumed_from_block"] == 2
+    again = load_file(out / "model.safetensors")
+    for k in ref:
+        assert torch.equal(ref[k], again[k]), k
+    name = "model.layers.2.self_attn.q_proj.weight"
+    for off in (dict(fp_alpha=1.0), dict(refine_scales=0)) + ((dict(follow_grids=False),) if method == "boa" else ()):
+        other = tmp_path / ("o" + "".join(off))
+        _quant(model, other, **(kw | off))
+        assert not torch.equal(load_file(other / "model.safetensors")[name], ref[name]), off

@@ -17,7 +17,7 @@ from ..config import CALIB_SETS, DTYPES, METHODS, WBITS, QuantConfig, RunOptions
 from ..solvers.validation import GRIDS
 
 PRESET_KEYS = {"device", "max_gpu_mem", "max_cpu_mem", "hessians", "nsamples", "seqlen", "block_v", "dtype",
-               "true_sequential", "v_row_hessian", "fp_targets", "mlp_row_hessian", "mlp_row_group", "mlp_row_damp",
+               "true_sequential", "v_row_hessian", "fp_targets", "fp_alpha", "follow_grids", "refine_scales", "mlp_row_hessian", "mlp_row_group", "mlp_row_damp",
                "data_dir", "calib", "qparam", "group_size", "percdamp", "block_size"}
 
 
@@ -59,6 +59,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPTQ/BoA: fit each layer on the quantized model's input to the full-precision model's "
                    "output of that layer (min ||Q X~ - W X||, asymmetric calibration); keeps a second activation "
                    "stream (2x activation memory, ~2x statistics time)")
+    m.add_argument("--fp-alpha", type=float, default=1.0,
+                   help="--fp-targets: move each layer's target this fraction of the way from its own output on the "
+                   "quantized model's input (0) to the full-precision model's output (1); GPTAQ/TurboBoA use 0.25")
+    m.add_argument("--follow-grids", dest="follow_grids", action=argparse.BooleanOptionalAction, default=False,
+                   help="BoA: search each row's grid right before the row is quantized, on the row as the earlier "
+                   "rows' updates left it (default: all grids up front on the original weights; grouped grids "
+                   "without --act-order-col always follow)")
+    m.add_argument("--refine-scales", type=int, default=0, metavar="SWEEPS",
+                   help="GPTQ/BoA: after the codes are fixed, refine every scale by this many sweeps of exact "
+                   "coordinate descent on the layer objective (0: off; GPTQ's optimum is one sweep)")
     m.add_argument("--percdamp", type=float, default=0.01)
     m.add_argument("--block-size", type=int, default=128, help="lazy-update block of the OPTQ sweep")
     m.add_argument("--dtype", choices=DTYPES, default="auto", help="compute/export dtype (default: checkpoint's)")
@@ -122,7 +132,8 @@ def parse(argv=None):
                      group_size=args.group_size, qparam=args.qparam, block_v=args.block_v,
                      act_order_col=args.act_order_col, act_order_row=args.act_order_row, percdamp=args.percdamp,
                      search_orders=args.search_orders, true_sequential=args.true_sequential, v_row_hessian=args.v_row_hessian,
-                     fp_targets=args.fp_targets, mlp_row_hessian=args.mlp_row_hessian,
+                     fp_targets=args.fp_targets, fp_alpha=args.fp_alpha, follow_grids=args.follow_grids,
+                     refine_scales=args.refine_scales, mlp_row_hessian=args.mlp_row_hessian,
                      mlp_row_group=args.mlp_row_group, mlp_row_damp=args.mlp_row_damp,
                      block_size=args.block_size, calib=args.calib, calib_file=args.calib_file,
                      nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, dtype=args.dtype)

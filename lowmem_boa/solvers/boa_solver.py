@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import torch
 
+from .grid import expand_params, find_params
+from .hessian import gather_last, inverse_perm
 from .optq import optq_sweep
 from .prepare import Prepared, finalize, group_params_fn, prepare
+from .refine import refine_result
 from .result import QuantResult
 from .validation import (check_bits, check_col_hessian, check_grid, check_group_size, check_heads,
                          check_percdamp, check_positive_int, check_row_hessian, check_sym,
@@ -50,10 +53,28 @@ def _row_views(prep: Prepared, j: int):
     return Wj, scale, zero
 
 
+def _follow_grid(prep: Prepared, j: int, bits, sym, grid, group_size, grid_kwargs) -> None:
+    """Search row ``j``'s grid (every head) on its current weights, in the original column order
+    (static groups are defined there), and write it where the sweep reads it."""
+    Wrow = prep.W3[:, j:j + 1, :]
+    if prep.perm_col is not None:
+        Wrow = gather_last(Wrow, inverse_perm(prep.perm_col))
+    s_j, z_j = find_params(Wrow, bits, sym, grid, H=prep.H_col_fit if grid == "hessian" else None,
+                           group_size=group_size, **grid_kwargs)
+    prep.row_scale[:, j:j + 1], prep.row_zero[:, j:j + 1] = s_j, z_j
+    if group_size is not None:   # per column, in processing order
+        C = prep.W3.shape[-1]
+        sc, zc = expand_params(s_j, group_size, C), expand_params(z_j, group_size, C)
+        if prep.perm_col is not None:
+            sc, zc = gather_last(sc, prep.perm_col), gather_last(zc, prep.perm_col)
+        prep.scale[:, j:j + 1], prep.zero[:, j:j + 1] = sc, zc
+
+
 def boa_quantize(W: torch.Tensor, H_col: torch.Tensor, H_row: torch.Tensor, n_heads: int, bits: int,
                  sym: bool = False, grid: str = "hessian", act_order_col: bool = False,
                  act_order_row: bool = False, percdamp: float = 0.01, group_size: int | None = None,
-                 block_size: int = 128, overwrite_hessians: bool = False, **grid_kwargs) -> QuantResult:
+                 block_size: int = 128, overwrite_hessians: bool = False, follow_grids: bool = False,
+                 refine_sweeps: int = 0, **grid_kwargs) -> QuantResult:
     """BoA on one projection; returns codes and grids too (see :class:`QuantResult`).
 
     ``W`` is ``(n_heads * head_dim, d_col)`` with head ``h`` owning rows
@@ -61,6 +82,11 @@ def boa_quantize(W: torch.Tensor, H_col: torch.Tensor, H_row: torch.Tensor, n_he
     ``H_row`` is ``(n_heads, head_dim, head_dim)``. For grouped-query attention pass the
     number of KV heads for K/V projections: heads are read from the shapes only.
     ``overwrite_hessians=True``: ``H_col``/``H_row`` may be modified in place (saves a copy).
+    ``follow_grids=True``: a row's grid (per channel, or static groups under column act-order)
+    is searched right before the row is swept, on the row as the earlier rows' updates left it,
+    instead of up front on the original weights (dynamic groups always follow the weights).
+    ``refine_sweeps``: coordinate-descent sweeps of scale refinement once every code is fixed
+    (``solvers.refine``; 0 = none).
     """
     W, n_heads, bits, sym, grid, group_size, block_size, percdamp = validate_boa_args(
         W, H_col, H_row, n_heads, bits, sym, grid, group_size, block_size, percdamp)
@@ -73,7 +99,10 @@ def boa_quantize(W: torch.Tensor, H_col: torch.Tensor, H_row: torch.Tensor, n_he
     codes3 = torch.empty_like(prep.W3)
     g_scale, g_zero = [], []
     U_row = prep.U_row
+    follow = follow_grids and not prep.dynamic_groups
     for j in range(dh):
+        if follow and j > 0:   # row 0 has seen no update: its up-front grid is the same
+            _follow_grid(prep, j, bits, sym, grid, group_size, grid_kwargs)
         Wj, scale, zero = _row_views(prep, j)
         res = optq_sweep(Wj, prep.U_col, prep.maxq, block_size, scale, zero, group_size, gp)
         Q3[:, j, :] = res.Q.reshape(nh, C)
@@ -90,7 +119,10 @@ def boa_quantize(W: torch.Tensor, H_col: torch.Tensor, H_row: torch.Tensor, n_he
         row_scale, row_zero = torch.cat(g_scale, dim=1), torch.cat(g_zero, dim=1)
     else:
         row_scale, row_zero = prep.row_scale, prep.row_zero
-    return finalize(prep, Q3, codes3, row_scale, row_zero, W, bits, sym, "boa")
+    res = finalize(prep, Q3, codes3, row_scale, row_zero, W, bits, sym, "boa")
+    if follow:
+        res.info["follow_grids"] = True
+    return refine_result(prep, res, W, refine_sweeps)
 
 
 def boa(W: torch.Tensor, H_col: torch.Tensor, H_row: torch.Tensor, n_heads: int, bits: int,

@@ -6,6 +6,7 @@ import torch
 
 from .optq import optq_sweep
 from .prepare import finalize, group_params_fn, prepare
+from .refine import refine_result
 from .result import QuantResult
 from .validation import (check_bits, check_col_hessian, check_grid, check_group_size, check_percdamp,
                          check_positive_int, check_sym, check_weight, compute_dtype)
@@ -25,10 +26,12 @@ def validate_gptq_args(W, H_col, bits, sym, grid, group_size, block_size, percda
 def gptq_quantize(W: torch.Tensor, H_col: torch.Tensor, bits: int, sym: bool = False,
                   grid: str = "hessian", group_size: int | None = None, act_order: bool = False,
                   block_size: int = 128, percdamp: float = 0.01, overwrite_hessians: bool = False,
-                  **grid_kwargs) -> QuantResult:
+                  refine_sweeps: int = 0, **grid_kwargs) -> QuantResult:
     """GPTQ with lazy block updates; returns codes and grids too (see :class:`QuantResult`).
 
-    ``overwrite_hessians=True``: ``H_col`` may be modified in place (saves a copy)."""
+    ``overwrite_hessians=True``: ``H_col`` may be modified in place (saves a copy).
+    ``refine_sweeps > 0``: the scales are refined once the codes are fixed (``solvers.refine``;
+    the rows are independent, so one sweep is the optimum)."""
     W, bits, sym, grid, group_size, block_size, percdamp = validate_gptq_args(
         W, H_col, bits, sym, grid, group_size, block_size, percdamp)
     dtype = compute_dtype(W, H_col)
@@ -39,7 +42,8 @@ def gptq_quantize(W: torch.Tensor, H_col: torch.Tensor, bits: int, sym: bool = F
                      group_size, gp)
     row_scale = res.group_scale if prep.dynamic_groups else prep.row_scale
     row_zero = res.group_zero if prep.dynamic_groups else prep.row_zero
-    return finalize(prep, res.Q, res.codes, row_scale, row_zero, W, bits, sym, "gptq")
+    out = finalize(prep, res.Q, res.codes, row_scale, row_zero, W, bits, sym, "gptq")
+    return refine_result(prep, out, W, refine_sweeps)
 
 
 def gptq(W: torch.Tensor, H_col: torch.Tensor, bits: int, sym: bool = False, grid: str = "hessian",

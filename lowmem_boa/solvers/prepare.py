@@ -45,6 +45,11 @@ class Prepared:
     perm_col: torch.Tensor | None    # (C,) shared or (nh, C)
     perm_row: torch.Tensor | None    # (nh, dh)
     info: dict = field(default_factory=dict)
+    # the damped Hessians in the original row/column order and the dead-column mask, for the
+    # scale refinement after the sweep (references, not copies, unless act-order permuted them)
+    H_col_fit: torch.Tensor | None = None   # (Bc, C, C)
+    H_row_fit: torch.Tensor | None = None   # (nh, dh, dh)
+    dead: torch.Tensor | None = None        # (Bc, C)
 
     @property
     def shared_col(self) -> bool:
@@ -65,6 +70,7 @@ def prepare(W: torch.Tensor, H_col: torch.Tensor, H_row: torch.Tensor | None, n_
     Hc = Hc.unsqueeze(0) if Hc.dim() == 2 else Hc
     dead = mark_dead_channels(Hc, W3)
     add_damping(Hc, percdamp)
+    Hc_fit = Hc
     info = {"dead_columns": int(dead.sum()), "percdamp": percdamp}
 
     dynamic = group_size is not None and not act_order_col
@@ -73,11 +79,12 @@ def prepare(W: torch.Tensor, H_col: torch.Tensor, H_row: torch.Tensor | None, n_
     else:
         row_scale, row_zero = find_params(W3, bits, sym, grid, H=Hc, group_size=group_size, **grid_kwargs)
 
-    U_row = perm_row = None
+    U_row = perm_row = Hr_fit = None
     if H_row is not None:
         Hr = H_row.detach().to(dtype=dtype, copy=not overwrite_hessians)
         info["dead_rows"] = int(mark_dead_channels(Hr).sum())
         add_damping(Hr, percdamp)
+        Hr_fit = Hr
         if act_order_row:
             perm_row = act_order_perm(Hr)
             W3 = gather_rows(W3, perm_row)
@@ -112,7 +119,7 @@ def prepare(W: torch.Tensor, H_col: torch.Tensor, H_row: torch.Tensor | None, n_
     return Prepared(W3=W3, H_col=Hc, U_col=U_col, U_row=U_row, maxq=2 ** bits - 1,
                     group_size=group_size, dynamic_groups=dynamic, scale=scale, zero=zero,
                     row_scale=row_scale, row_zero=row_zero, perm_col=perm_col,
-                    perm_row=perm_row, info=info)
+                    perm_row=perm_row, info=info, H_col_fit=Hc_fit, H_row_fit=Hr_fit, dead=dead)
 
 
 def group_params_fn(prep: Prepared, bits: int, sym: bool, grid: str, grid_kwargs: dict | None = None):

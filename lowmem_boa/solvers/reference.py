@@ -14,6 +14,7 @@ from .boa_solver import validate_boa_args
 from .gptq_solver import validate_gptq_args
 from .grid import find_params
 from .prepare import Prepared, finalize, prepare
+from .refine import refine_result
 from .result import QuantResult
 from .validation import compute_dtype
 
@@ -48,7 +49,26 @@ def _quantize_rows(Wr: torch.Tensor, U: torch.Tensor, prep: Prepared, scale, zer
     return Q, codes, E, g_scale, g_zero
 
 
-def _solve(prep: Prepared, bits, sym, grid, grid_kwargs):
+def _follow(prep: Prepared, h: int, j: int, bits, sym, grid, grid_kwargs) -> None:
+    """``follow_grids``: the grid of row ``j`` of head ``h`` from its current weights (original
+    column order), written into the prepared per-row and per-column grids."""
+    hc = 0 if prep.shared_col else h
+    w = prep.W3[h, j:j + 1]
+    perm = None if prep.perm_col is None else (prep.perm_col if prep.perm_col.dim() == 1 else prep.perm_col[h])
+    if perm is not None:
+        w = w[:, torch.argsort(perm)]
+    H = prep.H_col_fit[hc] if grid == "hessian" else None
+    s, z = find_params(w, bits, sym, grid, H=H, group_size=prep.group_size, **grid_kwargs)
+    prep.row_scale[h, j], prep.row_zero[h, j] = s[0], z[0]
+    if prep.group_size is not None:
+        g = torch.arange(w.shape[-1]) // prep.group_size
+        sc, zc = s[0, g], z[0, g]
+        if perm is not None:
+            sc, zc = sc[perm], zc[perm]
+        prep.scale[h, j], prep.zero[h, j] = sc, zc
+
+
+def _solve(prep: Prepared, bits, sym, grid, grid_kwargs, follow_grids: bool = False):
     """GPTQ (no row Hessian): all rows of the single head together, column by column.
     BoA: head by head, row by row, column by column, then the row update."""
     nh, dh, C = prep.W3.shape
@@ -65,6 +85,8 @@ def _solve(prep: Prepared, bits, sym, grid, grid_kwargs):
         U, H = prep.U_col[hc], prep.H_col[hc]
         for j in range(0, dh, rows_at_once):
             sl = slice(j, j + rows_at_once)
+            if follow_grids and prep.U_row is not None and not prep.dynamic_groups and j > 0:
+                _follow(prep, h, j, bits, sym, grid, grid_kwargs)
             Wr = prep.W3[h, sl].clone()
             sc = prep.scale[h, sl] if prep.scale is not None else None
             zr = prep.zero[h, sl] if prep.zero is not None else None
@@ -83,21 +105,23 @@ def _solve(prep: Prepared, bits, sym, grid, grid_kwargs):
 
 
 def gptq_reference(W, H_col, bits, sym=False, grid="hessian", group_size=None, act_order=False,
-                   block_size=128, percdamp=0.01, **grid_kwargs) -> QuantResult:
+                   block_size=128, percdamp=0.01, refine_sweeps=0, **grid_kwargs) -> QuantResult:
     W, bits, sym, grid, group_size, block_size, percdamp = validate_gptq_args(
         W, H_col, bits, sym, grid, group_size, block_size, percdamp)
     prep = prepare(W, H_col, None, 1, bits, sym, grid, group_size, bool(act_order), False,
                    percdamp, compute_dtype(W, H_col), grid_kwargs)
     Q3, codes3, rs, rz = _solve(prep, bits, sym, grid, grid_kwargs)
-    return finalize(prep, Q3, codes3, rs, rz, W, bits, sym, "gptq_reference")
+    return refine_result(prep, finalize(prep, Q3, codes3, rs, rz, W, bits, sym, "gptq_reference"), W,
+                         refine_sweeps)
 
 
 def boa_reference(W, H_col, H_row, n_heads, bits, sym=False, grid="hessian", act_order_col=False,
                   act_order_row=False, percdamp=0.01, group_size=None, block_size=128,
-                  **grid_kwargs) -> QuantResult:
+                  follow_grids=False, refine_sweeps=0, **grid_kwargs) -> QuantResult:
     W, n_heads, bits, sym, grid, group_size, block_size, percdamp = validate_boa_args(
         W, H_col, H_row, n_heads, bits, sym, grid, group_size, block_size, percdamp)
     prep = prepare(W, H_col, H_row, n_heads, bits, sym, grid, group_size, bool(act_order_col),
                    bool(act_order_row), percdamp, compute_dtype(W, H_col, H_row), grid_kwargs)
-    Q3, codes3, rs, rz = _solve(prep, bits, sym, grid, grid_kwargs)
-    return finalize(prep, Q3, codes3, rs, rz, W, bits, sym, "boa_reference")
+    Q3, codes3, rs, rz = _solve(prep, bits, sym, grid, grid_kwargs, follow_grids)
+    return refine_result(prep, finalize(prep, Q3, codes3, rs, rz, W, bits, sym, "boa_reference"), W,
+                         refine_sweeps)

@@ -17,6 +17,15 @@ taken towards the original weight rather than towards 0:
     W' = argmin ||Q X~ - W X||^2 + lam ||Q - W||^2 = W + W (C - H) (H + lam I)^{-1},
 
 which is exactly ``W`` when the input is unperturbed (``C = H``).
+
+GPTAQ and TurboBoA scale the correction by ``alpha`` (0.25 by default there): the target moves
+``alpha`` of the way from the layer's own output on the perturbed input (``alpha = 0``: plain
+GPTQ/BoA) to the fp model's (``alpha = 1``). With ``R = C - H = (X - X~) X~^T`` this is
+
+    W'(alpha) = W + alpha W R (H + lam I)^{-1},
+
+the minimiser of ``alpha ||Q X~ - W X||^2 + (1 - alpha) ||(Q - W) X~||^2 + lam ||Q - W||^2``
+(the two objectives share ``H``, so their weighted sum is again ``tr((Q - W') H (Q - W')^T)``).
 """
 
 from __future__ import annotations
@@ -24,8 +33,9 @@ from __future__ import annotations
 import torch
 
 
-def fp_target_weight(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, percdamp: float = 0.01) -> torch.Tensor:
-    """``W + W (C - H) (H + lam I)^{-1}`` in float32 (or float64) (``W``: ``(R, D)``; ``H``, ``C``: ``(D, D)``).
+def fp_target_weight(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, percdamp: float = 0.01,
+                     alpha: float = 1.0) -> torch.Tensor:
+    """``W + alpha W (C - H) (H + lam I)^{-1}`` in float32 (or float64) (``W``: ``(R, D)``; ``H``, ``C``: ``(D, D)``).
 
     ``H`` and ``C`` are not modified. Dead input channels (zero diagonal of ``H``) get a unit
     diagonal as in the solvers; their column of ``C - H`` is zero, so they keep ``W``'s column.
@@ -43,4 +53,4 @@ def fp_target_weight(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, percdamp
         Z = torch.cholesky_solve(rhs, L)
     else:                                         # not positive definite in float32: least squares
         Z = torch.linalg.lstsq(Hd, rhs).solution
-    return (W.to(f) + Z.T).to(W.dtype)
+    return (W.to(f) + alpha * Z.T).to(W.dtype)
