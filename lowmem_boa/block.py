@@ -246,7 +246,8 @@ class BlockQuantizer:
                     if H_row is not None:
                         res = boa_quantize(W, H_dev, Hr_dev, n_heads, qc.wbits, act_order_col=col, act_order_row=row,
                                            block_size=qc.block_size, overwrite_hessians=not search,
-                                           follow_grids=qc.follow_grids, refine_sweeps=qc.refine_scales, **common)
+                                           follow_grids=qc.follow_grids, refine_sweeps=qc.refine_scales,
+                                           joint_rows=qc.joint_rows, **common)
                         loss = float(attention_loss(W, res.Q, H_dev, Hr_dev, f32))
                     else:
                         res = gptq_quantize(W, H_dev, qc.wbits, act_order=col, block_size=qc.block_size,

@@ -135,10 +135,12 @@ def test_pipeline_fp_targets_correct_later_blocks_and_resume_bit_identically(tmp
 @needs_shared
 @pytest.mark.parametrize("method", ["gptq", "boa"])
 def test_pipeline_alpha_follow_and_refinement_resume_bit_identically(tmp_path, method):
-    """alpha-scaled fp targets, grids that follow the weights and refined scales: a run whose last
+    """alpha-scaled fp targets, grids that follow the weights, refined scales, joint rows: a run whose last
     block file is damaged resumes to the same checkpoint bit for bit, and each option changes the result."""
     model = save_tiny_model("llama", tmp_path / "m", seed=6, n_layers=3)
-    kw = dict(method=method, fp_targets=True, fp_alpha=0.25, follow_grids=method == "boa", refine_scales=1)
+    boa = method == "boa"
+    kw = dict(method=method, fp_targets=True, fp_alpha=0.25, follow_grids=boa, refine_scales=1,
+              joint_rows=4 if boa else 1)
     out = tmp_path / "q"
     _quant(model, out, **kw)
     ref = load_file(out / "model.safetensors")
@@ -150,7 +152,8 @@ def test_pipeline_alpha_follow_and_refinement_resume_bit_identically(tmp_path, m
     for k in ref:
         assert torch.equal(ref[k], again[k]), k
     name = "model.layers.2.self_attn.q_proj.weight"
-    for off in (dict(fp_alpha=1.0), dict(refine_scales=0)) + ((dict(follow_grids=False),) if method == "boa" else ()):
+    for off in (dict(fp_alpha=1.0), dict(refine_scales=0)) + ((dict(follow_grids=False), dict(joint_rows=1)) if boa
+                                                              else ()):
         other = tmp_path / ("o" + "".join(off))
         _quant(model, other, **(kw | off))
         assert not torch.equal(load_file(other / "model.safetensors")[name], ref[name]), off

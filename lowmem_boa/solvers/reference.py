@@ -68,9 +68,12 @@ def _follow(prep: Prepared, h: int, j: int, bits, sym, grid, grid_kwargs) -> Non
         prep.scale[h, j], prep.zero[h, j] = sc, zc
 
 
-def _solve(prep: Prepared, bits, sym, grid, grid_kwargs, follow_grids: bool = False):
+def _solve(prep: Prepared, bits, sym, grid, grid_kwargs, follow_grids: bool = False, joint_rows: int = 1):
     """GPTQ (no row Hessian): all rows of the single head together, column by column.
-    BoA: head by head, row by row, column by column, then the row update."""
+    BoA: head by head, row by row (``joint_rows`` rows together), column by column, then the row
+    update; for a block of rows, the minimiser of the Kronecker objective over the later rows
+    ``R`` with the block ``B`` fixed, ``W_R += H_RR^-1 H_RB (W_B - Q_B)``, from the damped row
+    Hessian itself (``(U^T U)^-1``) rather than from ``U``."""
     nh, dh, C = prep.W3.shape
     Q3, codes3 = torch.zeros_like(prep.W3), torch.zeros_like(prep.W3)
     scales = torch.zeros(nh, dh, 0, dtype=prep.W3.dtype)
@@ -79,14 +82,15 @@ def _solve(prep: Prepared, bits, sym, grid, grid_kwargs, follow_grids: bool = Fa
         G = -(-C // prep.group_size)
         scales = torch.zeros(nh, dh, G, dtype=prep.W3.dtype)
         zeros = torch.zeros_like(scales)
-    rows_at_once = dh if prep.U_row is None else 1
+    rows_at_once = dh if prep.U_row is None else joint_rows
     for h in range(nh):
         hc = 0 if prep.shared_col else h
         U, H = prep.U_col[hc], prep.H_col[hc]
         for j in range(0, dh, rows_at_once):
             sl = slice(j, j + rows_at_once)
             if follow_grids and prep.U_row is not None and not prep.dynamic_groups and j > 0:
-                _follow(prep, h, j, bits, sym, grid, grid_kwargs)
+                for i in range(j, min(j + rows_at_once, dh)):
+                    _follow(prep, h, i, bits, sym, grid, grid_kwargs)
             Wr = prep.W3[h, sl].clone()
             sc = prep.scale[h, sl] if prep.scale is not None else None
             zr = prep.zero[h, sl] if prep.zero is not None else None
@@ -94,11 +98,17 @@ def _solve(prep: Prepared, bits, sym, grid, grid_kwargs, follow_grids: bool = Fa
             Q3[h, sl], codes3[h, sl] = Q, codes
             if prep.dynamic_groups:
                 scales[h, sl], zeros[h, sl] = torch.stack(gs_, -1), torch.stack(gz_, -1)
-            if prep.U_row is not None:
+            if prep.U_row is not None and rows_at_once == 1:
                 Ur = prep.U_row[h]
                 total = E[0] @ U  # E_h U_col,h: the whole update OPTQ applied to row j
                 for i in range(j + 1, dh):
                     prep.W3[h, i] -= (Ur[j, i] / Ur[j, j]) * total
+            elif prep.U_row is not None and j + rows_at_once < dh:
+                Ur = prep.U_row[h]
+                Hrow = torch.linalg.inv(Ur.T @ Ur)
+                rest = slice(j + rows_at_once, dh)
+                D = prep.W3[h, sl] - Q                      # W_B - Q_B, the block as it was swept
+                prep.W3[h, rest] += torch.linalg.solve(Hrow[rest, rest], Hrow[rest, sl]) @ D
     if not prep.dynamic_groups:
         scales, zeros = prep.row_scale, prep.row_zero
     return Q3, codes3, scales, zeros
@@ -117,11 +127,11 @@ def gptq_reference(W, H_col, bits, sym=False, grid="hessian", group_size=None, a
 
 def boa_reference(W, H_col, H_row, n_heads, bits, sym=False, grid="hessian", act_order_col=False,
                   act_order_row=False, percdamp=0.01, group_size=None, block_size=128,
-                  follow_grids=False, refine_sweeps=0, **grid_kwargs) -> QuantResult:
+                  follow_grids=False, refine_sweeps=0, joint_rows=1, **grid_kwargs) -> QuantResult:
     W, n_heads, bits, sym, grid, group_size, block_size, percdamp = validate_boa_args(
         W, H_col, H_row, n_heads, bits, sym, grid, group_size, block_size, percdamp)
     prep = prepare(W, H_col, H_row, n_heads, bits, sym, grid, group_size, bool(act_order_col),
                    bool(act_order_row), percdamp, compute_dtype(W, H_col, H_row), grid_kwargs)
-    Q3, codes3, rs, rz = _solve(prep, bits, sym, grid, grid_kwargs, follow_grids)
+    Q3, codes3, rs, rz = _solve(prep, bits, sym, grid, grid_kwargs, follow_grids, joint_rows)
     return refine_result(prep, finalize(prep, Q3, codes3, rs, rz, W, bits, sym, "boa_reference"), W,
                          refine_sweeps)
