@@ -227,6 +227,8 @@ class BlockQuantizer:
                               H_row.numel() * 4 if H_row is not None else 0)
         ws.pop("H_col (handed over)")
         common = dict(sym=qc.sym, grid=qc.qparam, group_size=qc.group_size, percdamp=qc.percdamp)
+        if qc.grid_coarse > 1:
+            common["coarse"] = qc.grid_coarse
         report = LayerReport(name=name, rows=r, cols=c, seconds=0.0)
         tags = []
         with self._phase(PHASE_SOLVE), self.sch.workspace(f"solver {name}", sum(ws.values())):

@@ -52,6 +52,7 @@ class QuantConfig:
     follow_grids: bool = False      # BoA: a row's grid searched on the row as updated, right before it is swept
     refine_scales: int = 0          # GPTQ/BoA: coordinate-descent sweeps of scale refinement once codes are fixed
     joint_rows: int = 1             # BoA: rows of a head quantized together (closed-form update of the rest)
+    grid_coarse: int = 1            # MMSE/Hessian grid search: every k-th shrink factor, then around the best
     percdamp: float = 0.01
     block_size: int = 128
     calib: str = "wikitext2"
@@ -90,6 +91,8 @@ class QuantConfig:
             raise ValueError(f"--fp-alpha must be in (0, 1], got {self.fp_alpha}")
         if not isinstance(self.refine_scales, int) or self.refine_scales < 0:
             raise ValueError(f"--refine-scales must be a non-negative integer, got {self.refine_scales!r}")
+        if not isinstance(self.grid_coarse, int) or self.grid_coarse < 1:
+            raise ValueError(f"--grid-coarse must be a positive integer, got {self.grid_coarse!r}")
         if not isinstance(self.joint_rows, int) or self.joint_rows < 1:
             raise ValueError(f"--joint-rows must be a positive integer, got {self.joint_rows!r}")
         if self.fp_targets and self.method == "rtn":
@@ -113,7 +116,8 @@ class QuantConfig:
         return {k: v for k, v in asdict(self).items() if k not in ADDED_LATER or v != ADDED_LATER[k]}
 
 
-ADDED_LATER = {"mlp_row_damp": 0.0, "fp_alpha": 1.0, "follow_grids": False, "refine_scales": 0, "joint_rows": 1}   # option -> its default (see QuantConfig.state_dict)
+ADDED_LATER = {"mlp_row_damp": 0.0, "fp_alpha": 1.0, "follow_grids": False, "refine_scales": 0, "joint_rows": 1,
+               "grid_coarse": 1}   # option -> its default (see QuantConfig.state_dict)
 
 
 @dataclass

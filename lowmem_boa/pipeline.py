@@ -151,7 +151,7 @@ def prepare_run(qc: QuantConfig, ro: RunOptions, console: Console | None = None)
                         fp_targets=qc.fp_targets,
                         mlp_row_group=(mlp_row_group(adapter.intermediate_size, qc.mlp_row_group)
                                        if qc.method == "boa" and qc.mlp_row_hessian else None),
-                        qparam=qc.qparam,
+                        qparam=qc.qparam, grid_coarse=qc.grid_coarse, refine_scales=qc.refine_scales,
                         max_chunk_tokens=CPU_CHUNK_TOKENS if device.type == "cpu" and not ro.max_gpu_mem else None,
                         wbits=qc.wbits, fake_quant=ro.fake_quant, exports=tuple(ro.export))
     plan = make_plan(adapter, inputs, budget, cpu_budget, ro.hessians)

@@ -136,7 +136,8 @@ def test_pipeline_fp_targets_correct_later_blocks_and_resume_bit_identically(tmp
 @pytest.mark.parametrize("method", ["gptq", "boa"])
 def test_pipeline_alpha_follow_and_refinement_resume_bit_identically(tmp_path, method):
     """alpha-scaled fp targets, grids that follow the weights, refined scales, joint rows: a run whose last
-    block file is damaged resumes to the same checkpoint bit for bit, and each option changes the result."""
+    block file is damaged resumes to the same checkpoint bit for bit (each option's effect is tested
+    on the solvers: tests/test_refine.py, test_joint_rows.py, test_fast_vs_reference.py)."""
     model = save_tiny_model("llama", tmp_path / "m", seed=6, n_layers=3)
     boa = method == "boa"
     kw = dict(method=method, fp_targets=True, fp_alpha=0.25, follow_grids=boa, refine_scales=1,
@@ -151,9 +152,8 @@ def test_pipeline_alpha_follow_and_refinement_resume_bit_identically(tmp_path, m
     again = load_file(out / "model.safetensors")
     for k in ref:
         assert torch.equal(ref[k], again[k]), k
+    # the options reach the solver: the same run without them (plain --fp-targets) differs
+    plain = tmp_path / "plain"
+    _quant(model, plain, method=method, fp_targets=True)
     name = "model.layers.2.self_attn.q_proj.weight"
-    for off in (dict(fp_alpha=1.0), dict(refine_scales=0)) + ((dict(follow_grids=False), dict(joint_rows=1)) if boa
-                                                              else ()):
-        other = tmp_path / ("o" + "".join(off))
-        _quant(model, other, **(kw | off))
-        assert not torch.equal(load_file(other / "model.safetensors")[name], ref[name]), off
+    assert not torch.equal(load_file(plain / "model.safetensors")[name], ref[name])

@@ -117,3 +117,49 @@ def test_codes_and_grids_reproduce_q_exactly(group_size):
         assert res.scale.shape == (8, n_groups) and res.zero.shape == (8, n_groups)
         assert torch.equal(dequantize(res.codes, res.scale, res.zero, res.group_size, torch.float16), res.Q)
         assert torch.equal(res.g_idx, torch.arange(40, dtype=torch.int32) // (group_size or 40))
+
+
+@pytest.mark.parametrize("grid", ["mmse", "hessian"])
+@pytest.mark.parametrize("group_size", [None, 8])
+@pytest.mark.parametrize("sym", [False, True])
+def test_coarse_to_fine_search_is_never_worse_than_minmax_and_close_to_the_full_search(grid, group_size, sym):
+    """``coarse=k``: every k-th shrink factor, then the k-1 either side of each row's best. On these
+    problems (2-3 bits, 64 rows): never worse than MinMax, finds the full search's optimum for most
+    rows (measured 81-100 %), and its total error stays close to the full search's (measured: MMSE
+    within 0.1 %, Hessian within 1.9 %; per channel the Hessian objective has more local minima)."""
+    for bits in (2, 3):
+        W, H_col, _ = random_problem(30 + bits + 2 * sym, d_col=64, n_heads=8, head_dim=8)
+        H = H_col if grid == "hessian" else None
+        full = find_params(W, bits, sym, grid, H=H, group_size=group_size)
+        s0, z0 = find_params(W, bits, sym, "minmax", group_size=group_size)
+        e_full = grid_error(W, *full, bits, grid, H=H, group_size=group_size)
+        e_min = grid_error(W, s0, z0, bits, grid, H=H, group_size=group_size)
+        for k in (4, 8):
+            fast = find_params(W, bits, sym, grid, H=H, group_size=group_size, coarse=k)
+            e = grid_error(W, *fast, bits, grid, H=H, group_size=group_size)
+            assert (e <= e_min).all()
+            assert (e >= e_full * (1 - 1e-12)).all()      # the full search is the optimum over candidates
+            assert (e <= e_full * (1 + 1e-12)).float().mean() >= 0.75
+            assert float(e.sum()) <= 1.03 * float(e_full.sum())
+    assert torch.equal(find_params(W, 2, sym, grid, H=H, group_size=group_size, coarse=1)[0],
+                       find_params(W, 2, sym, grid, H=H, group_size=group_size)[0])
+
+
+def test_planned_candidates_match_the_search():
+    """The plan's FLOP count uses the number of grids find_params actually scores."""
+    from lowmem_boa.scheduler.planner import grid_candidates
+    import lowmem_boa.solvers.grid as G
+    W, H, _ = random_problem(3, d_col=32, n_heads=2, head_dim=4)
+    for k in (1, 4, 8, 9):
+        calls = []
+        orig = G._score
+
+        def counting(D, objective, Hb, norm):
+            calls.append(1)
+            return orig(D, objective, Hb, norm)
+        G._score = counting
+        try:
+            find_params(W, 2, False, "hessian", H=H, coarse=k)
+        finally:
+            G._score = orig
+        assert len(calls) - 1 == grid_candidates(k), k     # minus the MinMax grid scored first

@@ -122,7 +122,7 @@ def test_options_added_later_keep_old_runs_resumable():
     """A run keyed before --mlp-row-damp existed has the same key as one with it at its default."""
     from lowmem_boa.config import QuantConfig
     qc = QuantConfig(model="m", method="boa")
-    later = ("mlp_row_damp", "fp_alpha", "follow_grids", "refine_scales", "joint_rows")
+    later = ("mlp_row_damp", "fp_alpha", "follow_grids", "refine_scales", "joint_rows", "grid_coarse")
     old = {k: v for k, v in qc.as_dict().items() if k not in later}
     assert qc.state_dict() == old
     assert QuantConfig(model="m", method="boa", mlp_row_damp=0.1).state_dict()["mlp_row_damp"] == 0.1
@@ -132,7 +132,8 @@ def test_options_added_later_keep_old_runs_resumable():
 def test_new_solver_options_refuse_bad_values_before_any_work():
     from lowmem_boa.config import QuantConfig
     for kw, flag in ((dict(fp_alpha=0.0), "--fp-alpha"), (dict(fp_alpha=1.5), "--fp-alpha"),
-                     (dict(refine_scales=-1), "--refine-scales"), (dict(joint_rows=0), "--joint-rows")):
+                     (dict(refine_scales=-1), "--refine-scales"), (dict(joint_rows=0), "--joint-rows"),
+                     (dict(grid_coarse=0), "--grid-coarse")):
         with pytest.raises(ValueError, match=flag):
             QuantConfig(model="m", method="boa", **kw).validate()
 

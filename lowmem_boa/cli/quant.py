@@ -18,7 +18,7 @@ from ..solvers.validation import GRIDS
 
 PRESET_KEYS = {"device", "max_gpu_mem", "max_cpu_mem", "hessians", "nsamples", "seqlen", "block_v", "dtype",
                "true_sequential", "v_row_hessian", "fp_targets", "fp_alpha", "follow_grids", "refine_scales",
-               "joint_rows", "mlp_row_hessian", "mlp_row_group", "mlp_row_damp",
+               "joint_rows", "grid_coarse", "mlp_row_hessian", "mlp_row_group", "mlp_row_damp",
                "data_dir", "calib", "qparam", "group_size", "percdamp", "block_size"}
 
 
@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--joint-rows", type=int, default=1, metavar="N",
                    help="BoA: quantize N rows of each head at once and update the rows after them in closed form "
                    "(head_dim / N sweeps per projection instead of head_dim; 1 = the paper's row-by-row BoA)")
+    m.add_argument("--grid-coarse", type=int, default=1, metavar="K",
+                   help="MMSE/Hessian grid search coarse to fine: every K-th of the 80 shrink factors, then the K-1 "
+                   "either side of each row's best (K=8: 48 instead of 160 candidates; 1 = the full search)")
     m.add_argument("--percdamp", type=float, default=0.01)
     m.add_argument("--block-size", type=int, default=128, help="lazy-update block of the OPTQ sweep")
     m.add_argument("--dtype", choices=DTYPES, default="auto", help="compute/export dtype (default: checkpoint's)")
@@ -137,7 +140,8 @@ def parse(argv=None):
                      act_order_col=args.act_order_col, act_order_row=args.act_order_row, percdamp=args.percdamp,
                      search_orders=args.search_orders, true_sequential=args.true_sequential, v_row_hessian=args.v_row_hessian,
                      fp_targets=args.fp_targets, fp_alpha=args.fp_alpha, follow_grids=args.follow_grids,
-                     refine_scales=args.refine_scales, joint_rows=args.joint_rows, mlp_row_hessian=args.mlp_row_hessian,
+                     refine_scales=args.refine_scales, joint_rows=args.joint_rows,
+                     grid_coarse=args.grid_coarse, mlp_row_hessian=args.mlp_row_hessian,
                      mlp_row_group=args.mlp_row_group, mlp_row_damp=args.mlp_row_damp,
                      block_size=args.block_size, calib=args.calib, calib_file=args.calib_file,
                      nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, dtype=args.dtype)

@@ -62,6 +62,8 @@ class PlanInputs:
     true_sequential: bool = False  # False: all of a block's Hessians are held at once
     search_orders: bool = False    # every act-order combination per layer: extra solver copies
     qparam: str = "hessian"        # grid search (only changes the arithmetic count)
+    grid_coarse: int = 1           # coarse-to-fine grid search (fewer candidates; arithmetic only)
+    refine_scales: int = 0         # scale refinement sweeps (arithmetic only)
     max_chunk_tokens: int | None = None   # cap on samples x seqlen per chunk (CPU default: CPU_CHUNK_TOKENS)
     wbits: int = 2                 # for the disk plan (packed codes)
     fake_quant: bool = True        # the fake-quantized checkpoint is written (disk plan)
@@ -296,7 +298,13 @@ def build_phases(D: Dims, inp: PlanInputs, c: int, ca: int, g: int, hess_dev: bo
     return phases
 
 
-GRID_CANDIDATES = 160   # Hessian-grid search: candidate grids per row, each scored with one R x C x C product
+def grid_candidates(coarse: int = 1, n_shrink: int = 80, roundings: int = 2) -> int:
+    """Candidates the grid search scores per row (``solvers.grid.find_params``), each with one
+    ``R x C x C`` product for the Hessian grid: every shrink factor (160), or with ``coarse=k``
+    every k-th and then the k-1 either side of the best (48 at k = 8)."""
+    if coarse <= 1:
+        return n_shrink * roundings
+    return roundings * (-(-n_shrink // coarse) + 2 * (coarse - 1))
 
 
 def _gflops(D: Dims, inp: PlanInputs) -> dict:
@@ -326,8 +334,9 @@ def _gflops(D: Dims, inp: PlanInputs) -> dict:
     if inp.mlp_row_group:   # the MLP-input layers' outputs and the block-diagonal gain Grams
         out[PHASE_MLP_IN] += (mlp_in + 2 * tok * D.I * inp.mlp_row_group * D.n_mlp_in) / 1e9
     out[PHASE_MLP_OUT] = (qkv + attn + o + mlp_in + 2 * tok * D.I * D.I) / 1e9
-    grid = 2 * GRID_CANDIDATES if inp.qparam == "hessian" else 0
-    out[PHASE_SOLVE] = sum((grid + 2) * r * c * c + c ** 3 for r, c in D.linear_shapes.values()) / 1e9
+    grid = 2 * grid_candidates(inp.grid_coarse) if inp.qparam == "hessian" else 0
+    refine = 4 * inp.refine_scales      # per sweep: the rows' U H_col products and the residual's
+    out[PHASE_SOLVE] = sum((grid + 2 + refine) * r * c * c + c ** 3 for r, c in D.linear_shapes.values()) / 1e9
     if inp.fp_targets:   # the fp stream's forward to each layer and C; the fp block's propagation;
         # the correction W (C - H) (H + lam I)^-1: a Cholesky (C^3 / 3) and two R x C x C products
         for ph in (PHASE_ATTN, PHASE_OUT, PHASE_MLP_IN, PHASE_MLP_OUT):
