@@ -59,6 +59,8 @@ def main(argv=None):
     ap.add_argument("--scale", type=Path, default=REPO / "benchmarks" / "results" / "scale.json")
     ap.add_argument("--run", default="boa")
     ap.add_argument("--step-us", type=float, default=20.0)
+    ap.add_argument("--joint-rows", type=int, default=16, help="the 'fast' column: BoA rows per sweep")
+    ap.add_argument("--grid-coarse", type=int, default=8, help="the 'fast' column: coarse-to-fine grid search")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "projection.json")
     args = ap.parse_args(argv)
     from lowmem_boa.config import QuantConfig
@@ -68,9 +70,10 @@ def main(argv=None):
     adapter = get_adapter(load_config(str(REPO / "configs" / "llama-2-7b.json")))
     group = mlp_row_group(adapter.intermediate_size, QuantConfig(model="").mlp_row_group)
 
-    def plan_gflop(rows):
+    def plan_gflop(rows, coarse=1, turbo=False):
         return make_plan(adapter, PlanInputs(method="boa", calibration=True, nsamples=128, seqlen=2048,
-                                             dtype_bytes=2, qparam="hessian", mlp_row_group=rows),
+                                             dtype_bytes=2, qparam="hessian", mlp_row_group=rows,
+                                             grid_coarse=coarse, fp_targets=turbo, refine_scales=int(turbo)),
                          14 * 2 ** 30, 24 * 2 ** 30).gflop_per_block
 
     run = json.loads(args.scale.read_text())["runs"][args.run]
@@ -85,9 +88,10 @@ def main(argv=None):
     eff[SOLVE] = grid_flop / row["boa_s"] / 1e9 / peak
     h = adapter.heads
 
-    def steps(rows):
-        per_row = {adapter.q_proj: h.head_dim, adapter.k_proj: h.head_dim, adapter.v_proj: h.head_dim,
-                   **({n: rows for n in adapter.mlp_in} if rows else {})}
+    def steps(rows, joint=1):
+        sweeps = -(-h.head_dim // joint)
+        per_row = {adapter.q_proj: sweeps, adapter.k_proj: sweeps, adapter.v_proj: sweeps,
+                   **({n: -(-rows // joint) for n in adapter.mlp_in} if rows else {})}
         return sum(c * per_row.get(name, 1) for name, (r, c) in adapter.linear_shapes().items())
 
     def project(gflop, n_steps, fp32, fp16):
@@ -100,25 +104,33 @@ def main(argv=None):
 
     variants = {"default": group, "paper": None}   # BoA's default at 2 bits; the paper's BoA (--no-mlp-row-hessian)
     gflop = plan_gflop(group)
+    N, K = args.joint_rows, args.grid_coarse
+    # issue 17's configuration: joint rows, coarse grid, and the corrections (fp stream, refinement)
+    turbo = dict(fast=(plan_gflop(group, K), steps(group, N)), turbo_fast=(plan_gflop(group, K, True), steps(group, N)))
     out = {"cpu_peak_gflops": peak, "efficiency": eff, "mlp_row_group": group, "step_us": args.step_us,
-           "gflop_per_block": {k: plan_gflop(v) for k, v in variants.items()},
-           "sequential_steps_per_block": {k: steps(v) for k, v in variants.items()}, "gpus": {}}
+           "joint_rows": N, "grid_coarse": K,
+           "gflop_per_block": {k: plan_gflop(v) for k, v in variants.items()} | {k: g for k, (g, _) in turbo.items()},
+           "sequential_steps_per_block": {k: steps(v) for k, v in variants.items()} | {k: n for k, (_, n) in turbo.items()},
+           "gpus": {}}
     for gpu, (fp32, fp16) in GPUS.items():
         per_phase, total = project(gflop, steps(group), fp32, fp16)
         _, total_paper = project(plan_gflop(None), steps(None), fp32, fp16)
         out["gpus"][gpu] = {"seconds_per_block": per_phase, "minutes_total": total,
-                            "minutes_total_paper_boa": total_paper}
+                            "minutes_total_paper_boa": total_paper,
+                            **{f"minutes_total_{k}": project(g, n, fp32, fp16)[1] for k, (g, n) in turbo.items()}}
     args.out.write_text(json.dumps(out, indent=1))
     print(f"CPU float32 matmul peak here: {peak:.0f} GFLOP/s; efficiencies: "
           + ", ".join(f"{k} {v:.2f}" for k, v in eff.items()))
     print(f"MLP row groups of {group}; GFLOP per block: "
           + ", ".join(f"{k} {v:,.0f}" for k, v in gflop.items())
           + f"; sequential column steps per block: {steps(group):,} ({steps(None):,} for the paper's BoA)")
-    print(f"\n| GPU | " + " | ".join(gflop) + " | total, 32 blocks | paper's BoA (--no-mlp-row-hessian) |")
-    print("|---|" + "---|" * (len(gflop) + 2))
+    print(f"\n| GPU | " + " | ".join(gflop) + " | total, 32 blocks | paper's BoA (--no-mlp-row-hessian) "
+          f"| --joint-rows {N} --grid-coarse {K} | the same + --fp-targets --refine-scales 1 |")
+    print("|---|" + "---|" * (len(gflop) + 4))
     for gpu, v in out["gpus"].items():
         print(f"| {gpu} | " + " | ".join(f"{v['seconds_per_block'][p]:.1f} s" for p in gflop)
-              + f" | **{v['minutes_total']:.0f} min** | {v['minutes_total_paper_boa']:.0f} min |")
+              + f" | **{v['minutes_total']:.0f} min** | {v['minutes_total_paper_boa']:.0f} min "
+              f"| {v['minutes_total_fast']:.0f} min | {v['minutes_total_turbo_fast']:.0f} min |")
 
 if __name__ == "__main__":
     main()

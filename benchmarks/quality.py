@@ -127,6 +127,10 @@ VARIANTS = {
     "boa-follow-rs": ["--method", "boa", "--follow-grids", "--refine-scales", "1"],
     "boa-fpa": ["--method", "boa", "--fp-targets", "--fp-alpha", "0.25"],
     "boa-turbo": ["--method", "boa", "--fp-targets", "--fp-alpha", "0.25", "--follow-grids", "--refine-scales", "1"],
+    "boa-turbo-fast": ["--method", "boa", "--fp-targets", "--fp-alpha", "0.25", "--follow-grids", "--refine-scales", "1",
+                       "--joint-rows", "16", "--grid-coarse", "8"],
+    "gptq-turbo-fast": ["--method", "gptq", "--fp-targets", "--fp-alpha", "0.25", "--refine-scales", "1",
+                        "--grid-coarse", "8"],
     "boa-paper-turbo": ["--method", "boa", "--no-mlp-row-hessian", "--fp-targets", "--fp-alpha", "0.25",
                         "--follow-grids", "--refine-scales", "1"],
     "llmc-gptq": None,   # llm-compressor's GPTQModifier in its own virtualenv (benchmarks/llmc_gptq.py)
@@ -150,7 +154,8 @@ STUDIES = {
                                              "boa-mlprow-rd1", "boa-default-search", "boa-noblockv", "gptq-damp03",
                                              "boa-damp03"], "nsamples": [None]},
     "turbo": {"bits": ["2"], "variants": ["gptq", "boa-default", "gptq-turbo", "boa-turbo", "gptq-rs", "gptq-fpa",
-                                          "boa-rs", "boa-follow-rs", "boa-fpa", "boa-paper-turbo"], "nsamples": [None]},
+                                          "boa-rs", "boa-follow-rs", "boa-fpa", "boa-paper-turbo", "boa-turbo-fast",
+                                          "gptq-turbo-fast"], "nsamples": [None]},
     "damp": {"bits": ["2"], "variants": ["gptq", "boa", "gptq-damp03", "boa-damp03", "gptq-damp10", "boa-damp10"],
              "nsamples": [None]},
 }
