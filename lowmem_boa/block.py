@@ -1,15 +1,21 @@
-"""Quantizing one transformer block, true-sequentially, from its calibration inputs.
+"""Quantizing one transformer block from its calibration inputs.
 
-Layers are quantized in the adapter's groups, each from statistics of its *actual* input given
-the already-quantized layers before it in the block:
+Layers are quantized in the adapter's groups:
 
 1. attention statistics (fp q/k/v weights): shared ``H_col = X X^T`` of q/k/v; for BoA the key
    and query Grams per KV head (row Hessians of W_Q / W_K, RoPE-averaged) and, with
    ``block_v``, per-KV-head ``X A^T A X^T`` (attention maps computed a few heads and samples at
    a time) and the W_out row Hessian. q, k, v are then quantized (BoA: ``boa``; GPTQ: ``gptq``).
-2. out-projection input (with quantized q/k/v) -> ``gptq``.
-3. MLP input -> fc1 / gate+up; 4. MLP hidden -> fc2 / down.
+2. out-projection -> ``gptq``; 3. MLP input -> fc1 / gate+up (BoA: with their row Hessians
+   through the MLP output by default at <= 3 bits); 4. MLP hidden -> fc2 / down.
 Then the quantized block propagates the calibration data to the next block.
+
+By default (one pass) every group's statistics come from the full-precision block on the
+quantized model's block input; ``--true-sequential`` takes each group's from the block with the
+groups before it already quantized. With fp targets (the default for GPTQ/BoA) a second stream,
+the full-precision model's own block inputs, gives each layer the cross statistics ``C`` of its
+target (``solvers.target``). The solvers run with the configured corrections (scale refinement,
+following grids, joint rows: ``solvers``).
 
 Statistics are pure functions (``lowmem_boa.stats``), solvers are pure functions
 (``lowmem_boa.solvers``); every tensor that crosses devices goes through the scheduler.

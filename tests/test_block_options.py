@@ -120,9 +120,12 @@ def test_cli_exposes_the_block_options():
     qc, _ = parse(["--model", "m", "--true-sequential", "--no-v-row-hessian", "--search-orders", "--nsamples", "64"])
     assert (qc.true_sequential, qc.v_row_hessian, qc.search_orders, qc.nsamples) == (True, False, True, 64)
     qc, _ = parse(["--model", "m"])
-    assert (qc.mlp_row_hessian, qc.mlp_row_group, qc.fp_targets) == (None, 128, False)   # None: by bit width
+    assert (qc.mlp_row_hessian, qc.mlp_row_group, qc.fp_targets) == (None, 128, None)   # None: resolved by the run
+    assert (qc.fp_alpha, qc.refine_scales, qc.follow_grids, qc.joint_rows) == (0.25, 1, True, 1)
     qc, _ = parse(["--model", "m", "--no-mlp-row-hessian", "--mlp-row-group", "64", "--fp-targets"])
     assert (qc.mlp_row_hessian, qc.mlp_row_group, qc.fp_targets) == (False, 64, True)
+    qc, _ = parse(["--model", "m", "--no-fp-targets", "--refine-scales", "0", "--no-follow-grids"])
+    assert (qc.fp_targets, qc.refine_scales, qc.follow_grids) == (False, 0, False)    # the code before issue 17
 
 
 def test_search_orders_is_planned():
@@ -133,3 +136,20 @@ def test_search_orders_is_planned():
     term = "search-orders: Hessian copies + best result"
     assert term in search.phase("solve (per layer)").terms and term not in plain.phase("solve (per layer)").terms
     assert search.phase("solve (per layer)").total > plain.phase("solve (per layer)").total
+
+
+def test_fp_targets_default_on_for_one_pass_solvers_and_says_so():
+    """Issue 17's corrections are the default: fp targets on for GPTQ/BoA with one-pass statistics (a
+    second stream in the plan, a note), off with --true-sequential (which they cannot combine with) and
+    for RTN; an explicit choice is kept."""
+    from lowmem_boa.pipeline import prepare_run
+    from tiny_models import SHARED
+    model = str(SHARED / "models" / "stories260K")
+    for kw, want in ((dict(method="boa"), True), (dict(method="gptq"), True),
+                     (dict(method="gptq", true_sequential=True), False), (dict(method="rtn"), False),
+                     (dict(method="boa", fp_targets=False), False)):
+        qc = QuantConfig(model=model, **kw)
+        prep = prepare_run(qc, RunOptions(device="cpu", plan_only=True, progress=False))
+        assert qc.fp_targets is want and prep.plan.inputs.fp_targets is want, kw
+        said = [n for n in prep.notes if "--fp-targets" in n]
+        assert bool(said) == ("fp_targets" not in kw and kw["method"] != "rtn"), (kw, prep.notes)

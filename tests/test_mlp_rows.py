@@ -119,14 +119,21 @@ def test_mlp_row_damp_adds_a_fraction_of_each_groups_mean_diagonal():
 
 
 def test_options_added_later_keep_old_runs_resumable():
-    """A run keyed before --mlp-row-damp existed has the same key as one with it at its default."""
+    """A run keyed before an option existed has the same key as one with the option at the value that
+    reproduces the old code; options that do not act on a configuration are not in its key."""
     from lowmem_boa.config import QuantConfig
-    qc = QuantConfig(model="m", method="boa")
+    old_solver = dict(fp_targets=False, refine_scales=0, follow_grids=False)   # the code before issue 17
+    qc = QuantConfig(model="m", method="boa", **old_solver)
     later = ("mlp_row_damp", "fp_alpha", "follow_grids", "refine_scales", "joint_rows", "grid_coarse")
     old = {k: v for k, v in qc.as_dict().items() if k not in later}
     assert qc.state_dict() == old
-    assert QuantConfig(model="m", method="boa", mlp_row_damp=0.1).state_dict()["mlp_row_damp"] == 0.1
+    assert QuantConfig(model="m", method="boa", mlp_row_damp=0.1, **old_solver).state_dict()["mlp_row_damp"] == 0.1
     assert QuantConfig(model="m", method="boa", joint_rows=4).state_dict()["joint_rows"] == 4
+    # the new defaults are in the key: a run of the old code does not silently resume under them
+    new = QuantConfig(model="m", method="boa", fp_targets=True).state_dict()
+    assert new["fp_alpha"] == 0.25 and new["refine_scales"] == 1 and new["follow_grids"] is True
+    gptq = QuantConfig(model="m", method="gptq", fp_targets=False).state_dict()
+    assert "follow_grids" not in gptq and "joint_rows" not in gptq and "fp_alpha" not in gptq
 
 
 def test_new_solver_options_refuse_bad_values_before_any_work():

@@ -102,9 +102,10 @@ def test_budget_is_respected_and_chunks_shrink(tiny_dirs, tmp_path):
     for phase in small["memory"]["phases"].values():
         assert phase["ledger_peak_bytes"] <= budget
     # same math, different chunking: the weights agree up to a few codes flipped by summation order
+    # (and, with refined scales, rounding noise in every scale: counted only above 0.1 % of the tensor's range)
     a = load_file(tmp_path / "big" / "model.safetensors")
     b = load_file(tmp_path / "small" / "model.safetensors")
-    changed = sum(int((a[k] != b[k]).sum()) for k in a)
+    changed = sum(int(((a[k].float() - b[k].float()).abs() > 1e-3 * a[k].float().abs().max()).sum()) for k in a)
     total = sum(a[k].numel() for k in a)
     assert changed <= 0.01 * total
 

@@ -56,20 +56,22 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--mlp-row-damp", type=float, default=0.0,
                    help="--mlp-row-hessian: add this fraction of each row group's mean diagonal to its row Hessian "
                    "(0: none beyond --percdamp; large values approach GPTQ's independent rows)")
-    m.add_argument("--fp-targets", dest="fp_targets", action=argparse.BooleanOptionalAction, default=False,
-                   help="GPTQ/BoA: fit each layer on the quantized model's input to the full-precision model's "
-                   "output of that layer (min ||Q X~ - W X||, asymmetric calibration); keeps a second activation "
-                   "stream (2x activation memory, ~2x statistics time)")
-    m.add_argument("--fp-alpha", type=float, default=1.0,
+    m.add_argument("--fp-targets", dest="fp_targets", action=argparse.BooleanOptionalAction, default=None,
+                   help="GPTQ/BoA: fit each layer on the quantized model's input towards the full-precision model's "
+                   "output of that layer (min ||Q X~ - W X||, asymmetric calibration, scaled by --fp-alpha); keeps a "
+                   "second activation stream (2x activation memory, ~2x statistics time). Default: on (off with "
+                   "--true-sequential); measured in docs/results.md")
+    m.add_argument("--fp-alpha", type=float, default=0.25,
                    help="--fp-targets: move each layer's target this fraction of the way from its own output on the "
-                   "quantized model's input (0) to the full-precision model's output (1); GPTAQ/TurboBoA use 0.25")
-    m.add_argument("--follow-grids", dest="follow_grids", action=argparse.BooleanOptionalAction, default=False,
+                   "quantized model's input (0) to the full-precision model's output (1); default 0.25 "
+                   "(GPTAQ/TurboBoA's alpha)")
+    m.add_argument("--follow-grids", dest="follow_grids", action=argparse.BooleanOptionalAction, default=True,
                    help="BoA: search each row's grid right before the row is quantized, on the row as the earlier "
-                   "rows' updates left it (default: all grids up front on the original weights; grouped grids "
-                   "without --act-order-col always follow)")
-    m.add_argument("--refine-scales", type=int, default=0, metavar="SWEEPS",
+                   "rows' updates left it (default on; off: all grids up front on the original weights, as the "
+                   "paper; grouped grids without --act-order-col always follow)")
+    m.add_argument("--refine-scales", type=int, default=1, metavar="SWEEPS",
                    help="GPTQ/BoA: after the codes are fixed, refine every scale by this many sweeps of exact "
-                   "coordinate descent on the layer objective (0: off; GPTQ's optimum is one sweep)")
+                   "coordinate descent on the layer objective (default 1; 0: off; GPTQ's optimum is one sweep)")
     m.add_argument("--joint-rows", type=int, default=1, metavar="N",
                    help="BoA: quantize N rows of each head at once and update the rows after them in closed form "
                    "(head_dim / N sweeps per projection instead of head_dim; 1 = the paper's row-by-row BoA)")
