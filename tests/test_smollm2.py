@@ -32,10 +32,17 @@ def smollm2():
     return smollm2_dir()
 
 
+# The solver before issue 17's corrections: on these 512 calibration tokens the corrected default
+# measured worse (perplexity 1145 against 542 on the windows below; fp targets and refinement fitted
+# to 512 tokens) and ~2x slower; at 32 x 512 and more tokens the corrections halve the 2-bit
+# degradation (docs/results.md). The defaults run end to end on the tiny models in the other tests.
+OLD_SOLVER = ("--no-fp-targets", "--refine-scales", "0", "--no-follow-grids")
+
+
 def _args(model, out, *extra):
     return ["--model", str(model), "--output", str(out), "--calib", "wikitext2", "--data-dir", DATA,
             "--device", "cpu", "--no-progress", "--method", "boa", "--wbits", "2", "--nsamples", "4",
-            "--seqlen", "128", *extra]
+            "--seqlen", "128", *OLD_SOLVER, *extra]
 
 
 def _cli(*args):
