@@ -81,8 +81,12 @@ PROFILES = {
                         eval_windows=None),
 }
 
-# variant name -> run_quant.py flags (besides model/bits/seed/nsamples/calibration). Without "mlprow"
-# a BoA row is the paper's BoA (attention only); "boa-default" is whatever run_quant's defaults are now.
+# variant name -> run_quant.py flags (besides model/bits/seed/nsamples/calibration). Every variant runs on
+# top of OLD_SOLVER, the solver before issue 17's corrections, so a name means what it meant when its
+# rows were measured; the corrections are spelled out where a variant uses them. Without "mlprow" a BoA
+# row is the paper's BoA (attention only); "boa-default" is the BoA default before issue 17 (MLP row
+# Hessians at <= 3 bits), "boa-turbo" the default since, "gptq-turbo" GPTQ's default since.
+OLD_SOLVER = ["--no-fp-targets", "--fp-alpha", "1", "--refine-scales", "0", "--no-follow-grids"]
 VARIANTS = {
     "rtn": ["--method", "rtn", "--qparam", "minmax"],
     "gptq": ["--method", "gptq"],
@@ -251,7 +255,7 @@ def run_one(job: dict) -> dict:
         # no --overwrite: a run killed halfway resumes from its finished blocks (same configuration)
         argv = ["--model", str(mdir), *bits_flags(job["bits"]), "--seqlen", str(profile["seqlen"]),
                 "--nsamples", str(job["nsamples"]), "--seed", str(job["seed"]), *calib_flags(profile, shared),
-                "--device", "cpu", "--output", str(out), "--no-progress", *VARIANTS[job["variant"]]]
+                "--device", "cpu", "--output", str(out), "--no-progress", *OLD_SOLVER, *VARIANTS[job["variant"]]]
         with contextlib.redirect_stdout(io.StringIO()):
             rc = quant_main(argv)
         if rc != 0:

@@ -38,3 +38,21 @@ def test_older_rows_are_read_in_the_new_schema_and_ratios_use_the_same_seeds():
     # a variant measured on other seeds than the reference gets no ratio
     table = quality.markdown(quality.summarize(rows, ["tinystories"]), {"tinystories": 5.0}, ["tinystories"])
     assert "| – |" in table
+
+
+def test_variant_names_keep_the_solver_they_were_measured_with():
+    """Variants run on top of the pre-issue-17 solver unless they spell the corrections out:
+    "gptq"/"boa-default" stay the earlier defaults their rows measured; "gptq-turbo"/"boa-turbo"
+    are the defaults since."""
+    from lowmem_boa.cli.quant import parse
+
+    def qc(variant):
+        return parse(["--model", "m", *quality.OLD_SOLVER, *quality.VARIANTS[variant]])[0]
+    for v in ("gptq", "boa-default", "boa"):
+        c = qc(v)
+        assert (c.fp_targets, c.refine_scales, c.follow_grids) == (False, 0, False), v
+    assert (qc("gptq-fpt").fp_targets, qc("gptq-fpt").fp_alpha) == (True, 1.0)      # the alpha of its rows
+    new, default = qc("boa-turbo"), parse(["--model", "m"])[0]
+    for k in ("fp_alpha", "refine_scales", "follow_grids", "joint_rows", "grid_coarse", "mlp_row_hessian"):
+        assert getattr(new, k) == getattr(default, k), k
+    assert new.fp_targets is True and default.fp_targets is None     # None: on for BoA (resolved by the run)
