@@ -26,26 +26,17 @@ this derivation also covers groups (a joint ``G x G`` solve per row) and per-hea
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .grid import dequantize, expand_params
+from .grid import _group_view, dequantize, expand_params
 
 #: rows of a row-independent problem handled at once (bounds the ``rows x G x C`` workspace)
 ROW_CHUNK = 512
 
 
-def _grouped(x: torch.Tensor, group_size: int | None):
-    """``(..., C) -> (..., G, g)`` zero-padded; per-channel: ``G = 1``."""
-    C = x.shape[-1]
-    if group_size is None:
-        return x.unsqueeze(-2)
-    G = math.ceil(C / group_size)
-    pad = G * group_size - C
-    if pad:
-        x = torch.nn.functional.pad(x, (0, pad))
-    return x.reshape(*x.shape[:-1], G, group_size)
+def _grouped(x: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """``(..., C) -> (..., G, g)`` zero-padded; per-channel: ``G = 1`` (the grid search's view)."""
+    return _group_view(x, group_size)[0]
 
 
 def _gram_blocks(Ug: torch.Tensor, H: torch.Tensor, group_size: int | None) -> torch.Tensor:
