@@ -86,7 +86,12 @@ def smollm2_dir() -> Path:
         if os.environ.get("LOWMEM_BOA_REQUIRE_SHARED"):
             raise FileNotFoundError(f"{SMOLLM2_BUILD} is missing")
         pytest.skip("needs ../shared/models/smollm2-135m/build.py")
-    r = subprocess.run([sys.executable, str(SMOLLM2_BUILD), str(out)], capture_output=True, text=True)
+    # one build at a time: test workers running in parallel (pytest-xdist) wait for the first one
+    import fcntl
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(str(out) + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        r = subprocess.run([sys.executable, str(SMOLLM2_BUILD), str(out)], capture_output=True, text=True)
     if r.returncode != 0 or not (out / "config.json").is_file():
         msg = f"building SmolLM2-135M failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
         if os.environ.get("LOWMEM_BOA_REQUIRE_SHARED"):
