@@ -85,8 +85,11 @@ PROFILES = {
 # top of OLD_SOLVER, the solver before issue 17's corrections, so a name means what it meant when its
 # rows were measured; the corrections are spelled out where a variant uses them. Without "mlprow" a BoA
 # row is the paper's BoA (attention only); "boa-default" is the BoA default before issue 17 (MLP row
-# Hessians at <= 3 bits), "boa-turbo" the default since, "gptq-turbo" GPTQ's default since.
-OLD_SOLVER = ["--no-fp-targets", "--fp-alpha", "1", "--refine-scales", "0", "--no-follow-grids"]
+# Hessians at <= 3 bits), "boa-turbo" the corrections of issue 17 (default for a while), "boa-turbo-auto" the
+# default since its speed options (joint rows, coarse grid search; = "boa-turbo-fast" on SmolLM2, whose
+# heads have 64 rows), "gptq-turbo" GPTQ's default since issue 17.
+OLD_SOLVER = ["--no-fp-targets", "--fp-alpha", "1", "--refine-scales", "0", "--no-follow-grids", "--joint-rows", "1",
+              "--grid-coarse", "1"]
 VARIANTS = {
     "rtn": ["--method", "rtn", "--qparam", "minmax"],
     "gptq": ["--method", "gptq"],
@@ -133,6 +136,8 @@ VARIANTS = {
     "boa-turbo": ["--method", "boa", "--fp-targets", "--fp-alpha", "0.25", "--follow-grids", "--refine-scales", "1"],
     "boa-turbo-fast": ["--method", "boa", "--fp-targets", "--fp-alpha", "0.25", "--follow-grids", "--refine-scales", "1",
                        "--joint-rows", "16", "--grid-coarse", "8"],
+    "boa-turbo-auto": ["--method", "boa", "--fp-targets", "--fp-alpha", "0.25", "--follow-grids", "--refine-scales", "1",
+                       "--joint-rows", "auto", "--grid-coarse", "8"],   # = boa-turbo-fast where heads have >= 64 rows
     "gptq-turbo-fast": ["--method", "gptq", "--fp-targets", "--fp-alpha", "0.25", "--refine-scales", "1",
                         "--grid-coarse", "8"],
     "boa-paper-turbo": ["--method", "boa", "--no-mlp-row-hessian", "--fp-targets", "--fp-alpha", "0.25",
@@ -159,7 +164,7 @@ STUDIES = {
                                              "boa-damp03"], "nsamples": [None]},
     "turbo": {"bits": ["2"], "variants": ["gptq", "boa-default", "gptq-turbo", "boa-turbo", "gptq-rs", "gptq-fpa",
                                           "boa-rs", "boa-follow-rs", "boa-fpa", "boa-paper-turbo", "boa-turbo-fast",
-                                          "gptq-turbo-fast"], "nsamples": [None]},
+                                          "gptq-turbo-fast", "boa-turbo-auto"], "nsamples": [None]},
     "damp": {"bits": ["2"], "variants": ["gptq", "boa", "gptq-damp03", "boa-damp03", "gptq-damp10", "boa-damp10"],
              "nsamples": [None]},
 }
@@ -445,6 +450,28 @@ def load_results(path: Path, profile: dict) -> dict:
     return data
 
 
+def save_result(path: Path, profile: dict, data: dict, row: dict | None) -> dict:
+    """Add ``row`` (or the fp baseline already in ``data``) to the results file and return the merged
+    data. The file is re-read under a lock and replaced atomically, so two studies of one profile
+    running side by side (one thread each, one per core) keep each other's rows."""
+    import fcntl
+    with open(str(path) + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        disk = load_results(path, profile)
+        disk["profile"] = data["profile"]
+        disk["commands"] = disk.get("commands", []) + [c for c in data.get("commands", [])
+                                                       if c not in disk.get("commands", [])]
+        if "fp" in data:
+            disk.setdefault("fp", data["fp"])
+        key = (lambda r: (r["variant"], r["bits"], r["seed"], r["nsamples"]))
+        if row is not None and key(row) not in {key(r) for r in disk["runs"]}:
+            disk["runs"].append(row)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(disk, indent=1))
+        os.replace(tmp, path)
+    return disk
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", choices=sorted(PROFILES), required=True)
@@ -516,13 +543,13 @@ def main(argv=None):
             row = fut.result()
             if row["variant"] == "fp":
                 data["fp"] = row["ppl"]
+                data = save_result(out, profile, data, None)
                 print("fp: " + " ".join(f"{t} {v:.4f}" for t, v in data["fp"].items()), flush=True)
             else:
-                data["runs"].append(row)
+                data = save_result(out, profile, data, row)
                 print(f"{row['variant']:>16} W{row['bits']} n{row['nsamples']} seed {row['seed']}: "
                       + " ".join(f"{t} {p:.3f}" for t, p in row["ppl"].items())
                       + f" ({row['quant_seconds']:.0f} s + eval {row['eval_seconds']:.0f} s)", flush=True)
-            out.write_text(json.dumps(data, indent=1))
     print(f"{len(jobs)} runs in {time.perf_counter() - t0:.0f} s")
     print(markdown(summarize(data["runs"], texts), data["fp"], texts))
 

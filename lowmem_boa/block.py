@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import QuantConfig
+from .config import QuantConfig, joint_rows_for
 from .forward import block_forward, capture_input
 from .models.base import ModelAdapter
 from .scheduler.planner import (PHASE_ATTN, PHASE_BLOCK_V, PHASE_MLP_IN, PHASE_MLP_OUT, PHASE_FP_PROPAGATE,
@@ -255,7 +255,7 @@ class BlockQuantizer:
                         res = boa_quantize(W, H_dev, Hr_dev, n_heads, qc.wbits, act_order_col=col, act_order_row=row,
                                            block_size=qc.block_size, overwrite_hessians=not search,
                                            follow_grids=qc.follow_grids, refine_sweeps=qc.refine_scales,
-                                           joint_rows=qc.joint_rows, **common)
+                                           joint_rows=joint_rows_for(r // n_heads, qc.joint_rows), **common)
                         loss = float(attention_loss(W, res.Q, H_dev, Hr_dev, f32))
                     else:
                         res = gptq_quantize(W, H_dev, qc.wbits, act_order=col, block_size=qc.block_size,

@@ -29,6 +29,25 @@ DEFAULT_NSAMPLES = 128
 # --no-follow-grids is the solver of earlier versions.
 FP_TARGETS_DEFAULT = True
 
+# Issue 17's speed options for BoA, default since they measured no worse on SmolLM2 (reference recipe,
+# both texts, seeds 0-1: 90.77 / 386.3 against 93.26 / 393.3 at ~0.45x the time; docs/results.md): 16
+# rows of a head quantized at once, and the grid search coarse to fine (every 8th shrink factor, then
+# around the best). --joint-rows 1 --grid-coarse 1 is the full search row by row. GPTQ keeps the full
+# grid search until the coarse one is measured on SmolLM2 for it.
+JOINT_ROWS_DEFAULT = 16
+BOA_GRID_COARSE = 8
+
+
+def joint_rows_for(rows_per_head: int, joint_rows: int | None) -> int:
+    """The rows BoA quantizes at once in a head (or MLP row group) of ``rows_per_head`` rows:
+    ``--joint-rows N`` as given; by default (None) JOINT_ROWS_DEFAULT, but at most a quarter of the head,
+    so that every head keeps at least four row blocks whose closed-form update uses the row Hessian
+    (with N = head_dim nothing is left to update and BoA becomes GPTQ per head). 16 for every layer of
+    SmolLM2 (heads of 64, MLP row groups of 128) and Llama-2-7B (128); 2 for stories260K's heads of 8."""
+    if joint_rows is not None:
+        return joint_rows
+    return max(1, min(JOINT_ROWS_DEFAULT, rows_per_head // 4))
+
 # BoA's MLP row Hessians (--mlp-row-hessian) when the flag is not given: on up to this many bits. On
 # stories260K (docs/results.md, chosen on its validation text) they lowered 2- and 3-bit perplexity
 # below the paper's BoA and GPTQ, and raised it at 4 bits.
@@ -58,8 +77,10 @@ class QuantConfig:
     fp_alpha: float = 0.25          # ... moving the target this fraction of the way (GPTAQ/TurboBoA's alpha)
     follow_grids: bool = True       # BoA: a row's grid searched on the row as updated, right before it is swept
     refine_scales: int = 1          # GPTQ/BoA: coordinate-descent sweeps of scale refinement once codes are fixed
-    joint_rows: int = 1             # BoA: rows of a head quantized together (closed-form update of the rest)
-    grid_coarse: int = 1            # MMSE/Hessian grid search: every k-th shrink factor, then around the best
+    joint_rows: int | None = None   # BoA: rows of a head quantized together (closed-form update of the rest);
+                                    # None: joint_rows_for's default (16, at most a quarter of a head)
+    grid_coarse: int | None = None  # MMSE/Hessian grid search: every k-th shrink factor, then around the best;
+                                    # None: BOA_GRID_COARSE for BoA, 1 (the full search) for GPTQ/RTN
     percdamp: float = 0.01
     block_size: int = 128
     calib: str = "wikitext2"
@@ -68,6 +89,10 @@ class QuantConfig:
     seqlen: int = 2048
     seed: int = 0
     dtype: str = "auto"
+
+    def __post_init__(self):
+        if self.grid_coarse is None:
+            self.grid_coarse = BOA_GRID_COARSE if self.method == "boa" else 1
 
     def validate(self) -> None:
         """Clear errors for bad values, before any work."""
@@ -100,7 +125,7 @@ class QuantConfig:
             raise ValueError(f"--refine-scales must be a non-negative integer, got {self.refine_scales!r}")
         if not isinstance(self.grid_coarse, int) or self.grid_coarse < 1:
             raise ValueError(f"--grid-coarse must be a positive integer, got {self.grid_coarse!r}")
-        if not isinstance(self.joint_rows, int) or self.joint_rows < 1:
+        if self.joint_rows is not None and (not isinstance(self.joint_rows, int) or self.joint_rows < 1):
             raise ValueError(f"--joint-rows must be a positive integer, got {self.joint_rows!r}")
         if self.fp_targets and self.method == "rtn":
             raise ValueError("--fp-targets needs calibration solves: use --method gptq or boa")

@@ -38,9 +38,12 @@ def test_one_pass_statistics_do_not_depend_on_the_attention_solver(llama_dir, tm
     out-projection and MLP results are the same whichever method quantized q/k/v; true-sequentially
     they follow the quantized attention and differ."""
     one_gptq, _ = _quant(llama_dir, tmp_path / "a", method="gptq", true_sequential=False)
-    one_boa, _ = _quant(llama_dir, tmp_path / "b", method="boa", true_sequential=False, mlp_row_hessian=False)
+    # (the same grid search for both: BoA's default coarse-to-fine search would change every later layer)
+    one_boa, _ = _quant(llama_dir, tmp_path / "b", method="boa", true_sequential=False, mlp_row_hessian=False,
+                        grid_coarse=1)
     seq_gptq, _ = _quant(llama_dir, tmp_path / "c", method="gptq", true_sequential=True)
-    seq_boa, _ = _quant(llama_dir, tmp_path / "d", method="boa", true_sequential=True, mlp_row_hessian=False)
+    seq_boa, _ = _quant(llama_dir, tmp_path / "d", method="boa", true_sequential=True, mlp_row_hessian=False,
+                        grid_coarse=1)
     for n in ATTN:   # q/k/v see the same statistics in both modes
         assert torch.equal(one_gptq[f"{n}.weight"], seq_gptq[f"{n}.weight"]), n
         assert torch.equal(one_boa[f"{n}.weight"], seq_boa[f"{n}.weight"]), n
@@ -54,7 +57,7 @@ def test_one_pass_statistics_do_not_depend_on_the_attention_solver(llama_dir, tm
 def test_v_without_row_hessian_is_gptq_per_head(llama_dir, tmp_path):
     """``--no-v-row-hessian`` solves V with an identity row Hessian: with the shared X X^T (no
     block_v) that is GPTQ on V, the same codes as the GPTQ run's V."""
-    boa, _ = _quant(llama_dir, tmp_path / "a", method="boa", block_v=False, v_row_hessian=False)
+    boa, _ = _quant(llama_dir, tmp_path / "a", method="boa", block_v=False, v_row_hessian=False, grid_coarse=1)
     gptq, _ = _quant(llama_dir, tmp_path / "b", method="gptq")
     with_row, _ = _quant(llama_dir, tmp_path / "c", method="boa", block_v=False)
     n = "self_attn.v_proj"
@@ -121,11 +124,21 @@ def test_cli_exposes_the_block_options():
     assert (qc.true_sequential, qc.v_row_hessian, qc.search_orders, qc.nsamples) == (True, False, True, 64)
     qc, _ = parse(["--model", "m"])
     assert (qc.mlp_row_hessian, qc.mlp_row_group, qc.fp_targets) == (None, 128, None)   # None: resolved by the run
-    assert (qc.fp_alpha, qc.refine_scales, qc.follow_grids, qc.joint_rows) == (0.25, 1, True, 1)
+    assert (qc.fp_alpha, qc.refine_scales, qc.follow_grids, qc.joint_rows, qc.grid_coarse) == (0.25, 1, True, None, 8)
+    assert parse(["--model", "m", "--joint-rows", "auto"])[0].joint_rows is None
+    assert parse(["--model", "m", "--joint-rows", "4"])[0].joint_rows == 4
+    with pytest.raises(SystemExit):
+        parse(["--model", "m", "--joint-rows", "many"])
+    assert parse(["--model", "m", "--method", "gptq"])[0].grid_coarse == 1     # GPTQ: the full grid search
+    assert parse(["--model", "m", "--grid-coarse", "4"])[0].grid_coarse == 4
     qc, _ = parse(["--model", "m", "--no-mlp-row-hessian", "--mlp-row-group", "64", "--fp-targets"])
     assert (qc.mlp_row_hessian, qc.mlp_row_group, qc.fp_targets) == (False, 64, True)
-    qc, _ = parse(["--model", "m", "--no-fp-targets", "--refine-scales", "0", "--no-follow-grids"])
-    assert (qc.fp_targets, qc.refine_scales, qc.follow_grids) == (False, 0, False)    # the code before issue 17
+    qc, _ = parse(["--model", "m", "--no-fp-targets", "--refine-scales", "0", "--no-follow-grids", "--joint-rows", "1",
+                   "--grid-coarse", "1"])
+    assert (qc.fp_targets, qc.refine_scales, qc.follow_grids, qc.joint_rows, qc.grid_coarse) == (False, 0, False, 1, 1)
+    assert qc.state_dict() == {k: v for k, v in qc.as_dict().items()      # the code before issue 17
+                               if k not in ("fp_alpha", "follow_grids", "refine_scales", "joint_rows", "grid_coarse",
+                                             "mlp_row_damp")}
 
 
 def test_search_orders_is_planned():
@@ -153,3 +166,11 @@ def test_fp_targets_default_on_for_one_pass_solvers_and_says_so():
         assert qc.fp_targets is want and prep.plan.inputs.fp_targets is want, kw
         said = [n for n in prep.notes if "--fp-targets" in n]
         assert bool(said) == ("fp_targets" not in kw and kw["method"] != "rtn"), (kw, prep.notes)
+
+
+def test_default_joint_rows_leave_every_head_four_row_blocks():
+    """--joint-rows auto: 16 rows at once, at most a quarter of a head, so the row Hessian still updates
+    rows (16 rows of SmolLM2's 64-row heads and 128-row MLP groups, of Llama-2-7B's 128); a given N stays."""
+    from lowmem_boa.config import joint_rows_for
+    assert [joint_rows_for(d, None) for d in (1, 4, 8, 32, 64, 128, 256)] == [1, 1, 2, 8, 16, 16, 16]
+    assert joint_rows_for(8, 16) == 16 and joint_rows_for(128, 1) == 1

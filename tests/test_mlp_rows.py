@@ -122,7 +122,7 @@ def test_options_added_later_keep_old_runs_resumable():
     """A run keyed before an option existed has the same key as one with the option at the value that
     reproduces the old code; options that do not act on a configuration are not in its key."""
     from lowmem_boa.config import QuantConfig
-    old_solver = dict(fp_targets=False, refine_scales=0, follow_grids=False)   # the code before issue 17
+    old_solver = dict(fp_targets=False, refine_scales=0, follow_grids=False, joint_rows=1, grid_coarse=1)   # before issue 17
     qc = QuantConfig(model="m", method="boa", **old_solver)
     later = ("mlp_row_damp", "fp_alpha", "follow_grids", "refine_scales", "joint_rows", "grid_coarse")
     old = {k: v for k, v in qc.as_dict().items() if k not in later}
@@ -132,6 +132,7 @@ def test_options_added_later_keep_old_runs_resumable():
     # the new defaults are in the key: a run of the old code does not silently resume under them
     new = QuantConfig(model="m", method="boa", fp_targets=True).state_dict()
     assert new["fp_alpha"] == 0.25 and new["refine_scales"] == 1 and new["follow_grids"] is True
+    assert new["joint_rows"] is None and new["grid_coarse"] == 8     # None: 16 rows, at most a quarter of a head
     gptq = QuantConfig(model="m", method="gptq", fp_targets=False).state_dict()
     assert "follow_grids" not in gptq and "joint_rows" not in gptq and "fp_alpha" not in gptq
 

@@ -1,5 +1,6 @@
 """benchmarks/quality.py: the one quality benchmark's profiles, flags, schema and report arithmetic."""
 
+import json
 import sys
 
 from tiny_models import REPO
@@ -42,17 +43,39 @@ def test_older_rows_are_read_in_the_new_schema_and_ratios_use_the_same_seeds():
 
 def test_variant_names_keep_the_solver_they_were_measured_with():
     """Variants run on top of the pre-issue-17 solver unless they spell the corrections out:
-    "gptq"/"boa-default" stay the earlier defaults their rows measured; "gptq-turbo"/"boa-turbo"
-    are the defaults since."""
+    "gptq"/"boa-default" stay the earlier defaults their rows measured; "gptq-turbo"/"boa-turbo-auto"
+    are the defaults since ("boa-turbo": the corrections with the full grid search row by row;
+    "boa-turbo-fast": 16 joint rows whatever the head size, which is the default on SmolLM2)."""
     from lowmem_boa.cli.quant import parse
 
     def qc(variant):
         return parse(["--model", "m", *quality.OLD_SOLVER, *quality.VARIANTS[variant]])[0]
     for v in ("gptq", "boa-default", "boa"):
         c = qc(v)
-        assert (c.fp_targets, c.refine_scales, c.follow_grids) == (False, 0, False), v
+        assert (c.fp_targets, c.refine_scales, c.follow_grids, c.joint_rows, c.grid_coarse) == (False, 0, False, 1, 1), v
     assert (qc("gptq-fpt").fp_targets, qc("gptq-fpt").fp_alpha) == (True, 1.0)      # the alpha of its rows
-    new, default = qc("boa-turbo"), parse(["--model", "m"])[0]
+    new, default = qc("boa-turbo-auto"), parse(["--model", "m"])[0]
+    assert (qc("boa-turbo").joint_rows, qc("boa-turbo").grid_coarse) == (1, 1)
+    gptq, gptq_default = qc("gptq-turbo"), parse(["--model", "m", "--method", "gptq"])[0]
+    for k in ("fp_alpha", "refine_scales", "grid_coarse"):
+        assert getattr(gptq, k) == getattr(gptq_default, k), k
     for k in ("fp_alpha", "refine_scales", "follow_grids", "joint_rows", "grid_coarse", "mlp_row_hessian"):
         assert getattr(new, k) == getattr(default, k), k
     assert new.fp_targets is True and default.fp_targets is None     # None: on for BoA (resolved by the run)
+
+
+def test_two_studies_of_one_profile_keep_each_others_rows(tmp_path):
+    # two studies started from the same (empty) results file, each saving its rows as they end
+    profile = quality.PROFILES["stories260K"]
+    path = tmp_path / "quality.json"
+    row = (lambda v, s: {"variant": v, "bits": "2", "seed": s, "nsamples": 8, "ppl": {"tinystories": 1.0 + s}})
+    a = {"runs": [], "profile": {"name": "stories260K"}, "commands": ["a"], "fp": {"tinystories": 1.0}}
+    b = {"runs": [], "profile": {"name": "stories260K"}, "commands": ["b"]}
+    a = quality.save_result(path, profile, a, row("gptq", 0))
+    b = quality.save_result(path, profile, b, row("boa", 0))
+    a = quality.save_result(path, profile, a, row("gptq", 1))
+    a = quality.save_result(path, profile, a, row("gptq", 1))      # saved twice: kept once
+    on_disk = json.loads(path.read_text())
+    assert sorted((r["variant"], r["seed"]) for r in on_disk["runs"]) == [("boa", 0), ("gptq", 0), ("gptq", 1)]
+    assert on_disk["commands"] == ["a", "b"] and on_disk["fp"] == {"tinystories": 1.0}
+    assert a == on_disk

@@ -13,13 +13,23 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..config import CALIB_SETS, DTYPES, METHODS, WBITS, QuantConfig, RunOptions
+from ..config import BOA_GRID_COARSE, CALIB_SETS, DTYPES, JOINT_ROWS_DEFAULT, METHODS, WBITS, QuantConfig, RunOptions
 from ..solvers.validation import GRIDS
 
 PRESET_KEYS = {"device", "max_gpu_mem", "max_cpu_mem", "hessians", "nsamples", "seqlen", "block_v", "dtype",
                "true_sequential", "v_row_hessian", "fp_targets", "fp_alpha", "follow_grids", "refine_scales",
                "joint_rows", "grid_coarse", "mlp_row_hessian", "mlp_row_group", "mlp_row_damp",
                "data_dir", "calib", "qparam", "group_size", "percdamp", "block_size"}
+
+
+def _joint_rows(text: str) -> int | None:
+    """``--joint-rows``: a positive integer, or ``auto`` (the default: None, resolved per layer)."""
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer or auto, got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,12 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--refine-scales", type=int, default=1, metavar="SWEEPS",
                    help="GPTQ/BoA: after the codes are fixed, refine every scale by this many sweeps of exact "
                    "coordinate descent on the layer objective (default 1; 0: off; GPTQ's optimum is one sweep)")
-    m.add_argument("--joint-rows", type=int, default=1, metavar="N",
+    m.add_argument("--joint-rows", type=_joint_rows, default=None, metavar="N",
                    help="BoA: quantize N rows of each head at once and update the rows after them in closed form "
-                   "(head_dim / N sweeps per projection instead of head_dim; 1 = the paper's row-by-row BoA)")
-    m.add_argument("--grid-coarse", type=int, default=1, metavar="K",
+                   f"(head_dim / N sweeps per projection instead of head_dim; default auto: {JOINT_ROWS_DEFAULT}, at "
+                   "most a quarter of a head; 1 = the paper's row-by-row BoA)")
+    m.add_argument("--grid-coarse", type=int, default=None, metavar="K",
                    help="MMSE/Hessian grid search coarse to fine: every K-th of the 80 shrink factors, then the K-1 "
-                   "either side of each row's best (K=8: 48 instead of 160 candidates; 1 = the full search)")
+                   f"either side of each row's best (K=8: 48 instead of 160 candidates; 1 = the full search; "
+                   f"default {BOA_GRID_COARSE} for BoA, 1 for GPTQ/RTN)")
     m.add_argument("--percdamp", type=float, default=0.01)
     m.add_argument("--block-size", type=int, default=128, help="lazy-update block of the OPTQ sweep")
     m.add_argument("--dtype", choices=DTYPES, default="auto", help="compute/export dtype (default: checkpoint's)")
