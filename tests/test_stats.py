@@ -158,6 +158,10 @@ def test_block_statistics_match_brute_force(family):
     assert torch.allclose(got, exp_v, rtol=1e-5, atol=1e-4)
     all_at_once = block_v_grams(x, st, hi.n_rep, range(0, hi.n_heads)).double()
     assert torch.allclose(all_at_once, exp_v, rtol=1e-5, atol=1e-4)
+    L = x.shape[1]
+    for c in (1, 3, L - 1, L):   # query rows in causal chunks (one row at a time, uneven, the whole window)
+        by_rows = block_v_grams(x, st, hi.n_rep, range(0, hi.n_heads), row_chunk=c).double()
+        assert torch.allclose(by_rows, exp_v, rtol=1e-5, atol=1e-4), c
 
     # W_out row Hessian of V: sum over the KV head's query heads of W_out,h^T W_out,h
     W_o = block.get_submodule(adapter.o_proj).weight.double()

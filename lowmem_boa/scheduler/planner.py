@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..models.base import ModelAdapter
+from ..stats.attention_stats import block_v_row_chunk
 from .ledger import fmt_bytes
 
 F32 = 4
@@ -328,7 +329,9 @@ def _gflops(D: Dims, inp: PlanInputs) -> dict:
     boa = inp.method == "boa"
     out[PHASE_ATTN] = (2 * tok * D.d * D.d + (2 * tok * D.d * (D.H + D.Hkv) * D.dh if boa else 0)) / 1e9
     if boa and inp.block_v:
-        out[PHASE_BLOCK_V] = (2 * tok * L * D.H * (D.dh + D.d) + 2 * tok * D.H * D.d * D.d) / 1e9
+        # scores and A X over the causal half only, in row chunks of c: the mean query sees (L + c) / 2 keys
+        seen = (L + block_v_row_chunk(L)) / 2
+        out[PHASE_BLOCK_V] = (2 * tok * seen * D.H * (D.dh + D.d) + 2 * tok * D.H * D.d * D.d) / 1e9
     out[PHASE_OUT] = (qkv + attn + 2 * tok * HO * HO) / 1e9
     out[PHASE_MLP_IN] = (qkv + attn + o + 2 * tok * D.d * D.d) / 1e9
     if inp.mlp_row_group:   # the MLP-input layers' outputs and the block-diagonal gain Grams

@@ -103,22 +103,42 @@ def causal_attention_probs(q: torch.Tensor, k: torch.Tensor, scaling: float) -> 
     return torch.softmax(scores, dim=-1)
 
 
-def block_v_grams(x: torch.Tensor, states: AttentionStates, n_rep: int, heads: range) -> torch.Tensor:
+def block_v_row_chunk(L: int) -> int:
+    """Query positions ``block_v_grams`` forms at once by default: an eighth of the window, at least 64."""
+    return min(L, max(64, -(-L // 8)))
+
+
+def block_v_grams(x: torch.Tensor, states: AttentionStates, n_rep: int, heads: range,
+                  row_chunk: int | None = None) -> torch.Tensor:
     """Partial ``sum X A_h^T A_h X^T`` for the query heads ``heads`` (a range), summed per KV head.
 
     ``x`` is the attention input ``(B, L, d)``. Returns ``(n_kv_in_range, d, d)`` float32 for the
     KV heads ``heads.start // n_rep .. (heads.stop - 1) // n_rep``; the range must cover whole
-    KV-head groups. Only ``len(heads)`` attention maps are held at once.
+    KV-head groups. The rows ``Y = A_h X`` (``y_t = sum_u A[t,u] x_u``) are formed ``row_chunk``
+    query positions at a time (default ``block_v_row_chunk``), each against only the
+    keys it can see (``u <= t``): the causal mask's zero half of ``A`` is never computed, which
+    halves the scores and the ``A X`` products (the ``Y^T Y`` Grams are the same either way), and
+    only ``row_chunk`` rows of ``len(heads)`` attention maps are held at once.
     """
     if heads.start % n_rep or heads.stop % n_rep:
         raise ValueError("block_v head chunks must cover whole KV-head groups")
     xf = x.float()
     kv_idx = torch.arange(heads.start, heads.stop, device=x.device) // n_rep
-    A = causal_attention_probs(states.q[:, heads.start:heads.stop], states.k[:, kv_idx], states.scaling)
-    Y = torch.matmul(A, xf.unsqueeze(1))                     # (B, g, L, d): rows are sum_u A[t,u] x_u
-    B, g, L, d = Y.shape
-    Y = Y.reshape(B, g // n_rep, n_rep, L, d).transpose(0, 1).reshape(g // n_rep, -1, d)
-    return Y.transpose(1, 2) @ Y
+    q = states.q[:, heads.start:heads.stop].float()
+    k = states.k[:, kv_idx].float()
+    B, g, L, _ = q.shape
+    d = xf.shape[-1]
+    c = row_chunk or block_v_row_chunk(L)
+    out = torch.zeros(g // n_rep, d, d, dtype=torch.float32, device=x.device)
+    for s in range(0, L, c):
+        e = min(L, s + c)
+        scores = torch.matmul(q[:, :, s:e], k[:, :, :e].transpose(-1, -2)) * states.scaling   # (B, g, e-s, e)
+        mask = torch.ones(e - s, e, dtype=torch.bool, device=x.device).triu_(s + 1)          # key u > query t
+        A = torch.softmax(scores.masked_fill_(mask, float("-inf")), dim=-1)
+        Y = torch.matmul(A, xf[:, None, :e])                                                  # (B, g, e-s, d)
+        Y = Y.reshape(B, g // n_rep, n_rep, e - s, d).transpose(0, 1).reshape(g // n_rep, -1, d)
+        out += Y.transpose(1, 2) @ Y
+    return out
 
 
 def wout_row_hessian(W_o: torch.Tensor, n_heads: int, n_kv_heads: int, head_dim: int) -> torch.Tensor:
