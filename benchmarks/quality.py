@@ -136,8 +136,14 @@ VARIANTS = {
     "boa-turbo": ["--method", "boa", "--fp-targets", "--fp-alpha", "0.25", "--follow-grids", "--refine-scales", "1"],
     "boa-turbo-fast": ["--method", "boa", "--fp-targets", "--fp-alpha", "0.25", "--follow-grids", "--refine-scales", "1",
                        "--joint-rows", "16", "--grid-coarse", "8"],
+    "boa-default-fast": ["--method", "boa", "--joint-rows", "16", "--grid-coarse", "8"],   # speed options alone
     "boa-turbo-auto": ["--method", "boa", "--fp-targets", "--fp-alpha", "0.25", "--follow-grids", "--refine-scales", "1",
                        "--joint-rows", "auto", "--grid-coarse", "8"],   # = boa-turbo-fast where heads have >= 64 rows
+    # alpha of the fp targets (issue 17: chosen by measurement), on top of the defaults
+    **{f"boa-turbo-a{a}": ["--method", "boa", "--fp-targets", "--fp-alpha", a, "--follow-grids", "--refine-scales", "1",
+                           "--joint-rows", "auto", "--grid-coarse", "8"] for a in ("0.1", "0.5", "1")},
+    **{f"gptq-turbo-a{a}": ["--method", "gptq", "--fp-targets", "--fp-alpha", a, "--refine-scales", "1"]
+       for a in ("0.1", "0.5", "1")},
     "gptq-turbo-fast": ["--method", "gptq", "--fp-targets", "--fp-alpha", "0.25", "--refine-scales", "1",
                         "--grid-coarse", "8"],
     "boa-paper-turbo": ["--method", "boa", "--no-mlp-row-hessian", "--fp-targets", "--fp-alpha", "0.25",
@@ -164,7 +170,8 @@ STUDIES = {
                                              "boa-damp03"], "nsamples": [None]},
     "turbo": {"bits": ["2"], "variants": ["gptq", "boa-default", "gptq-turbo", "boa-turbo", "gptq-rs", "gptq-fpa",
                                           "boa-rs", "boa-follow-rs", "boa-fpa", "boa-paper-turbo", "boa-turbo-fast",
-                                          "gptq-turbo-fast", "boa-turbo-auto"], "nsamples": [None]},
+                                          "gptq-turbo-fast", "boa-turbo-auto", "boa-default-fast", "boa-turbo-a0.1", "boa-turbo-a0.5",
+                                          "boa-turbo-a1", "gptq-turbo-a0.1", "gptq-turbo-a0.5", "gptq-turbo-a1"], "nsamples": [None]},
     "damp": {"bits": ["2"], "variants": ["gptq", "boa", "gptq-damp03", "boa-damp03", "gptq-damp10", "boa-damp10"],
              "nsamples": [None]},
 }
@@ -284,6 +291,9 @@ def run_one(job: dict) -> dict:
         row["layer_info"] = {i: {lay["name"]: {k: lay[k] for k in ("rel_error", "rel_attention_error")}
                                  for lay in b["layers"]} for i, b in blocks}
         row["phase_seconds"] = {i: b.get("phase_seconds") for i, b in blocks}
+        # per block and per layer, summed over every session of a resumed run (quant_seconds is this one's)
+        row["block_seconds"] = {i: b.get("seconds") for i, b in blocks}
+        row["solve_seconds"] = {i: {lay["name"]: lay["seconds"] for lay in b["layers"]} for i, b in blocks}
         orders = {f"{i}.{lay['name']}": lay["info"].get("orders") for i, b in blocks
                   for lay in b["layers"] if lay["info"].get("orders")}
         if orders:
@@ -363,6 +373,36 @@ def errors_table(runs: list[dict], text: str, key: str = "rel_error", ref: str =
                         if g else "– | –")
                      + " | " + " / ".join(f"{e:.4f}" for e in m) + " | "
                      + (" / ".join(f"{r:.3f}" for r in ratios) or "–") + " |")
+    return "\n".join(lines)
+
+
+def phases_table(runs: list[dict]) -> str:
+    """Per (bits, variant): quantization seconds per phase, summed over blocks and averaged over the
+    seeds that recorded them; ``solve`` sums the layers' solver seconds (rows that recorded them),
+    ``total − statistics`` is the solves plus everything not in a statistics phase."""
+    acc: dict = {}
+    for r in runs:
+        ph = r.get("phase_seconds")
+        if not ph or not all(ph.values()):
+            continue
+        tot: dict = {}
+        for blk in ph.values():
+            for k, v in blk.items():
+                tot[k] = tot.get(k, 0.0) + v
+        stats = sum(tot.values())
+        if r.get("solve_seconds"):
+            tot["solve"] = sum(v for blk in r["solve_seconds"].values() for v in blk.values())
+        # a resumed run's quant_seconds is its last session's: the blocks' own seconds where recorded
+        total = sum(r["block_seconds"].values()) if r.get("block_seconds") else r["quant_seconds"]
+        if total >= stats:      # not a row re-evaluated from a checkpoint quantized earlier
+            tot["total"], tot["total − statistics"] = total, total - stats
+        acc.setdefault((r["bits"], r["variant"]), []).append(tot)
+    names = sorted({k for v in acc.values() for t in v for k in t}, key=lambda k: (k.startswith("total"), k == "solve", k))
+    lines = ["| bits | variant | seeds | " + " | ".join(names) + " |", "|---" * (len(names) + 3) + "|"]
+    for (bits, variant), ts in sorted(acc.items()):
+        cells = [f"{statistics.fmean(t[n] for t in ts if n in t):.0f}" if any(n in t for t in ts) else "–"
+                 for n in names]
+        lines.append(f"| {bits} | {variant} | {len(ts)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -508,6 +548,8 @@ def main(argv=None):
                         vs = sorted({r["variant"] for r in data["runs"] if r["bits"] == b and t in r.get("errors", {})},
                                     key=lambda v: (v != "gptq", v))
                         print(f"\nbits {b}:\n" + layer_errors_table(data["runs"], t, vs, b))
+        if any(r.get("phase_seconds") for r in data["runs"]):
+            print("\nquantization seconds per phase (sum over blocks; mean over seeds):\n" + phases_table(data["runs"]))
         if args.plot:
             plot(summary, data["fp"], texts, args.profile, args.plot)
         return

@@ -36,7 +36,7 @@ def smollm2():
 # measured worse (perplexity 1145 against 542 on the windows below; fp targets and refinement fitted
 # to 512 tokens) and ~2x slower; at 32 x 512 and more tokens the corrections halve the 2-bit
 # degradation (docs/results.md). The defaults run end to end on the tiny models in the other tests.
-OLD_SOLVER = ("--no-fp-targets", "--refine-scales", "0", "--no-follow-grids")
+OLD_SOLVER = ("--no-fp-targets", "--refine-scales", "0", "--no-follow-grids", "--joint-rows", "1", "--grid-coarse", "1")
 
 
 def _args(model, out, *extra):
