@@ -136,6 +136,8 @@ VARIANTS = {
     "boa-turbo": ["--method", "boa", "--fp-targets", "--fp-alpha", "0.25", "--follow-grids", "--refine-scales", "1"],
     "boa-turbo-fast": ["--method", "boa", "--fp-targets", "--fp-alpha", "0.25", "--follow-grids", "--refine-scales", "1",
                        "--joint-rows", "16", "--grid-coarse", "8"],
+    "boa-turbo-nofollow": ["--method", "boa", "--fp-targets", "--fp-alpha", "0.25", "--no-follow-grids",
+                           "--refine-scales", "1", "--joint-rows", "auto", "--grid-coarse", "8"],
     "boa-default-fast": ["--method", "boa", "--joint-rows", "16", "--grid-coarse", "8"],   # speed options alone
     "boa-turbo-auto": ["--method", "boa", "--fp-targets", "--fp-alpha", "0.25", "--follow-grids", "--refine-scales", "1",
                        "--joint-rows", "auto", "--grid-coarse", "8"],   # = boa-turbo-fast where heads have >= 64 rows
@@ -170,7 +172,7 @@ STUDIES = {
                                              "boa-damp03"], "nsamples": [None]},
     "turbo": {"bits": ["2"], "variants": ["gptq", "boa-default", "gptq-turbo", "boa-turbo", "gptq-rs", "gptq-fpa",
                                           "boa-rs", "boa-follow-rs", "boa-fpa", "boa-paper-turbo", "boa-turbo-fast",
-                                          "gptq-turbo-fast", "boa-turbo-auto", "boa-default-fast", "boa-turbo-a0.1", "boa-turbo-a0.5",
+                                          "gptq-turbo-fast", "boa-turbo-auto", "boa-default-fast", "boa-turbo-nofollow", "boa-turbo-a0.1", "boa-turbo-a0.5",
                                           "boa-turbo-a1", "gptq-turbo-a0.1", "gptq-turbo-a0.5", "gptq-turbo-a1"], "nsamples": [None]},
     "damp": {"bits": ["2"], "variants": ["gptq", "boa", "gptq-damp03", "boa-damp03", "gptq-damp10", "boa-damp10"],
              "nsamples": [None]},
