@@ -395,7 +395,9 @@ def phases_table(runs: list[dict]) -> str:
         if r.get("solve_seconds"):
             tot["solve"] = sum(v for blk in r["solve_seconds"].values() for v in blk.values())
         # a resumed run's quant_seconds is its last session's: the blocks' own seconds where recorded
-        total = sum(r["block_seconds"].values()) if r.get("block_seconds") else r["quant_seconds"]
+        # a block's own seconds cover its statistics and solves; its propagation runs after them
+        total = (sum(r["block_seconds"].values()) + tot.get("propagate (block forward)", 0.0)
+                 if r.get("block_seconds") else r["quant_seconds"])
         if total >= stats:      # not a row re-evaluated from a checkpoint quantized earlier
             tot["total"], tot["total − statistics"] = total, total - stats
         acc.setdefault((r["bits"], r["variant"]), []).append(tot)
