@@ -30,7 +30,8 @@ DEFAULT_NSAMPLES = 128
 FP_TARGETS_DEFAULT = True
 
 # Issue 17's speed options for BoA, default since they measured no worse on SmolLM2 (reference recipe,
-# both texts, seeds 0-1: 90.77 / 386.3 against 93.26 / 393.3 at ~0.45x the time; docs/results.md): 16
+# both texts, seeds 0-1: 90.77 / 386.3 against 93.26 / 393.3, in 565 s against 1,274-1,427 s measured
+# with a third job on the cores; alone on the earlier solver they solve 3.5x faster; docs/results.md): 16
 # rows of a head quantized at once, and the grid search coarse to fine (every 8th shrink factor, then
 # around the best). --joint-rows 1 --grid-coarse 1 is the full search row by row. GPTQ keeps the full
 # grid search until the coarse one is measured on SmolLM2 for it.

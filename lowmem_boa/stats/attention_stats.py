@@ -94,11 +94,12 @@ def qk_row_hessians(G_k: torch.Tensor, G_q: torch.Tensor, n_rep: int, cos_sin=No
     return H_q, H_k
 
 
-def causal_attention_probs(q: torch.Tensor, k: torch.Tensor, scaling: float) -> torch.Tensor:
-    """``softmax(q k^T * scaling)`` with a causal mask, float32. ``q``, ``k``: ``(B, g, L, dh)``."""
+def causal_attention_probs(q: torch.Tensor, k: torch.Tensor, scaling: float, first: int = 0) -> torch.Tensor:
+    """``softmax(q k^T * scaling)`` with a causal mask, float32. ``q``: ``(B, g, Lq, dh)``, the queries
+    of positions ``first .. first + Lq - 1``; ``k``: ``(B, g, Lk, dh)``, the keys of positions ``0 .. Lk - 1``."""
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scaling
-    L = scores.shape[-1]
-    mask = torch.ones(L, L, dtype=torch.bool, device=scores.device).triu_(1)
+    Lq, Lk = scores.shape[-2:]
+    mask = torch.ones(Lq, Lk, dtype=torch.bool, device=scores.device).triu_(first + 1)   # key u > query t
     scores.masked_fill_(mask, float("-inf"))
     return torch.softmax(scores, dim=-1)
 
@@ -124,18 +125,15 @@ def block_v_grams(x: torch.Tensor, states: AttentionStates, n_rep: int, heads: r
         raise ValueError("block_v head chunks must cover whole KV-head groups")
     xf = x.float()
     kv_idx = torch.arange(heads.start, heads.stop, device=x.device) // n_rep
-    q = states.q[:, heads.start:heads.stop].float()
-    k = states.k[:, kv_idx].float()
+    q, k = states.q[:, heads.start:heads.stop].float(), states.k[:, kv_idx].float()
     B, g, L, _ = q.shape
     d = xf.shape[-1]
     c = row_chunk or block_v_row_chunk(L)
     out = torch.zeros(g // n_rep, d, d, dtype=torch.float32, device=x.device)
     for s in range(0, L, c):
         e = min(L, s + c)
-        scores = torch.matmul(q[:, :, s:e], k[:, :, :e].transpose(-1, -2)) * states.scaling   # (B, g, e-s, e)
-        mask = torch.ones(e - s, e, dtype=torch.bool, device=x.device).triu_(s + 1)          # key u > query t
-        A = torch.softmax(scores.masked_fill_(mask, float("-inf")), dim=-1)
-        Y = torch.matmul(A, xf[:, None, :e])                                                  # (B, g, e-s, d)
+        A = causal_attention_probs(q[:, :, s:e], k[:, :, :e], states.scaling, first=s)   # (B, g, e-s, e)
+        Y = torch.matmul(A, xf[:, None, :e])                                               # (B, g, e-s, d)
         Y = Y.reshape(B, g // n_rep, n_rep, e - s, d).transpose(0, 1).reshape(g // n_rep, -1, d)
         out += Y.transpose(1, 2) @ Y
     return out
