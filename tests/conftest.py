@@ -15,14 +15,3 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["MKL_NUM_THREADS"] = _threads
     import torch
     torch.set_num_threads(int(_threads))
-
-# The longest test files start first, so that under xdist the short ones fill the other workers
-# around them instead of leaving one worker alone with a long file at the end (SmolLM2 end to end
-# takes about a third of the whole run). A stable sort: the order inside each file is kept.
-SLOW_FILES_FIRST = ("test_smollm2.py", "test_pipeline.py", "test_e2e_real.py", "test_fp_targets.py",
-                    "test_footprint.py", "test_block_options.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
-    items.sort(key=lambda item: rank.get(os.path.basename(str(item.fspath)), len(rank)))
