@@ -494,6 +494,11 @@ def load_results(path: Path, profile: dict) -> dict:
     return data
 
 
+def run_key(row: dict) -> tuple:
+    """What identifies a run in a results file."""
+    return row["variant"], row["bits"], row["seed"], row["nsamples"]
+
+
 def save_result(path: Path, profile: dict, data: dict, row: dict | None) -> dict:
     """Add ``row`` (or the fp baseline already in ``data``) to the results file and return the merged
     data. The file is re-read under a lock and replaced atomically, so two studies of one profile
@@ -507,8 +512,7 @@ def save_result(path: Path, profile: dict, data: dict, row: dict | None) -> dict
                                                        if c not in disk.get("commands", [])]
         if "fp" in data:
             disk.setdefault("fp", data["fp"])
-        key = (lambda r: (r["variant"], r["bits"], r["seed"], r["nsamples"]))
-        if row is not None and key(row) not in {key(r) for r in disk["runs"]}:
+        if row is not None and run_key(row) not in {run_key(r) for r in disk["runs"]}:
             disk["runs"].append(row)
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(disk, indent=1))
@@ -571,7 +575,7 @@ def main(argv=None):
     data.setdefault("commands", []).append("python benchmarks/quality.py "
                                            + " ".join(argv if argv is not None else sys.argv[1:]))
     data["profile"] = {k: (str(v()) if callable(v) else v) for k, v in profile.items()} | {"name": args.profile}
-    done = {(r["variant"], r["bits"], r["seed"], r["nsamples"]) for r in data["runs"]}
+    done = {run_key(r) for r in data["runs"]}
     out.parent.mkdir(parents=True, exist_ok=True)
     base = {"profile": args.profile, "shared": str(args.shared), "work": str(args.work),
             "threads": args.threads or max(1, 2 // args.jobs), "errors": args.errors, "keep": args.keep}
