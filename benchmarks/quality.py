@@ -150,6 +150,13 @@ VARIANTS = {
                         "--grid-coarse", "8"],
     "boa-paper-turbo": ["--method", "boa", "--no-mlp-row-hessian", "--fp-targets", "--fp-alpha", "0.25",
                         "--follow-grids", "--refine-scales", "1"],
+    # issue 16's defaults re-decided on top of today's default BoA (boa-turbo-auto): one change each
+    **{f"boa-turbo-{k}": ["--method", "boa", "--fp-targets", "--fp-alpha", "0.25", "--follow-grids",
+                          "--refine-scales", "1", "--joint-rows", "auto", "--grid-coarse", "8", *extra]
+       for k, extra in {"noblockv": ["--no-block-v"], "nomlprow": ["--no-mlp-row-hessian"],
+                        "search": ["--search-orders"], "damp03": ["--percdamp", "0.03"],
+                        "damp10": ["--percdamp", "0.1"], "g64": ["--mlp-row-group", "64"],
+                        "gfull": ["--mlp-row-group", "100000"]}.items()},
     "llmc-gptq": None,   # llm-compressor's GPTQModifier in its own virtualenv (benchmarks/llmc_gptq.py)
 }
 
@@ -174,6 +181,9 @@ STUDIES = {
                                           "boa-rs", "boa-follow-rs", "boa-fpa", "boa-paper-turbo", "boa-turbo-fast",
                                           "gptq-turbo-fast", "boa-turbo-auto", "boa-default-fast", "boa-turbo-nofollow", "boa-turbo-a0.1", "boa-turbo-a0.5",
                                           "boa-turbo-a1", "gptq-turbo-a0.1", "gptq-turbo-a0.5", "gptq-turbo-a1"], "nsamples": [None]},
+    "defaults2": {"bits": ["2"], "variants": ["boa-turbo-auto", "gptq-turbo", "boa-turbo-noblockv", "boa-turbo-nomlprow",
+                                              "boa-turbo-search", "boa-turbo-damp03", "boa-turbo-damp10", "boa-turbo-g64",
+                                              "boa-turbo-gfull"], "nsamples": [None]},
     "damp": {"bits": ["2"], "variants": ["gptq", "boa", "gptq-damp03", "boa-damp03", "gptq-damp10", "boa-damp10"],
              "nsamples": [None]},
 }
