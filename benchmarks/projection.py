@@ -17,6 +17,9 @@ An ESTIMATE, not a measurement. Inputs:
   microseconds per column step (a few small kernel launches); GPTQ layers take ``C`` steps, BoA's
   q/k/v ``head_dim x C`` (one OPTQ sweep per row index of all heads, docs/performance.md), and with
   BoA's MLP row Hessians (the default at 2 bits) gate/up ``group x C`` (128 rows per group at 7B);
+* the one-forward statistics phase (the default since it replaced the four per-group statistics phases
+  and the fp stream's propagation) runs at the aggregate efficiency the scale run measured over those
+  four phases (their GFLOP over their seconds: the same mix of forward and Gram products);
 * the MLP row Hessians' extra statistics (the MLP-input layers' outputs and gain Grams, in the planner's
   FLOP count) run at the MLP-input phase's measured efficiency: the scale run predates them;
 * vendor peak numbers (dense, no sparsity): P100 PCIe 9.3 / 18.7, T4 8.1 / 65, A100 SXM 19.5 / 312,
@@ -42,6 +45,8 @@ GPUS = {"P100 (16 GB)": (9.3e3, 18.7e3), "T4 (16 GB)": (8.1e3, 65e3), "A100 (80 
         "H100 (80 GB SXM)": (67e3, 989e3)}   # GFLOP/s: float32, float16 tensor
 FORWARD = "propagate (block forward)"
 SOLVE = "solve (per layer)"
+PHASE_STATS = "block statistics (one forward)"
+PER_GROUP = ("attention statistics", "out-proj statistics", "MLP-input statistics", "MLP-output statistics")
 
 
 def cpu_peak() -> float:
@@ -82,6 +87,11 @@ def main(argv=None):
     for r in run["phases"]:       # the last block measured of each phase (block 2 has no tokenization/first-touch)
         if r["gflop_per_s"]:
             eff[r["phase"]] = r["gflop_per_s"] / peak
+    per_group = [r for r in run["phases"] if r["phase"] in PER_GROUP and r["gflop_per_s"]]
+    if per_group and PHASE_STATS not in eff:   # the last block's four statistics phases, aggregated
+        last = {r["phase"]: r for r in per_group}
+        eff[PHASE_STATS] = (sum(r["gflop"] for r in last.values()) / sum(r["seconds"] for r in last.values())
+                            / peak)
     bench = json.loads((REPO / "benchmarks" / "results" / "bench_solvers.json").read_text())
     row = next(r for r in bench["rows"] if r["d"] == 4096 and r["grid"] == "hessian")
     grid_flop = (2 * 160 + 2) * 4096 ** 3 + 4096 ** 3

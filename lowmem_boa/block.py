@@ -11,10 +11,12 @@ Layers are quantized in the adapter's groups:
 Then the quantized block propagates the calibration data to the next block.
 
 By default (one pass) every group's statistics come from the full-precision block on the
-quantized model's block input; ``--true-sequential`` takes each group's from the block with the
-groups before it already quantized. With fp targets (the default for GPTQ/BoA) a second stream,
-the full-precision model's own block inputs, gives each layer the cross statistics ``C`` of its
-target (``solvers.target``). The solvers run with the configured corrections (scale refinement,
+quantized model's block input, all of them from one forward per chunk that records the four
+groups' inputs (``one_pass_statistics``); ``--true-sequential`` takes each group's from the block
+with the groups before it already quantized, a partial forward per group. With fp targets (the
+default for GPTQ/BoA) a second stream, the full-precision model's own block inputs, gives each
+layer the cross statistics ``C`` of its target (``solvers.target``); in one pass its chunk runs
+through the whole fp block once, which also gives the fp stream's next block input. The solvers run with the configured corrections (scale refinement,
 following grids, joint rows: ``solvers``).
 
 Statistics are pure functions (``lowmem_boa.stats``), solvers are pure functions
@@ -29,10 +31,10 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import QuantConfig, joint_rows_for
-from .forward import block_forward, capture_input
+from .forward import block_forward, capture_input, capture_inputs
 from .models.base import ModelAdapter
 from .scheduler.planner import (PHASE_ATTN, PHASE_BLOCK_V, PHASE_MLP_IN, PHASE_MLP_OUT, PHASE_FP_PROPAGATE,
-                                PHASE_OUT, PHASE_PROPAGATE, PHASE_SOLVE, Plan, fp_target_workspace,
+                                PHASE_OUT, PHASE_PROPAGATE, PHASE_SOLVE, PHASE_STATS, Plan, fp_target_workspace,
                                 solver_workspace, workspace_bytes)
 from .scheduler.scheduler import Scheduler
 from .scheduler.store import ActivationStore
@@ -80,15 +82,83 @@ class BlockQuantizer:
         return self.sch.workspace(f"workspace: {name}", workspace_bytes(self.plan.phase(name)))
 
     def _pairs(self, store: ActivationStore, chunk: int):
-        """``(x, x_fp)`` chunks: the quantized model's block inputs and, with ``--fp-targets``,
+        """``(i0, i1, x, x_fp)`` chunks: the quantized model's block inputs and, with ``--fp-targets``,
         the full-precision model's (``None`` otherwise)."""
         if not self.qc.fp_targets:
-            for _, _, x in self.sch.chunks(store.inputs, chunk):
-                yield x, None
+            for i0, i1, x in self.sch.chunks(store.inputs, chunk):
+                yield i0, i1, x, None
             return
-        for (_, _, x), (_, _, xf) in zip(self.sch.chunks(store.inputs, chunk),
-                                         self.sch.chunks(store.fp_inputs, chunk, "fp activation chunk")):
-            yield x, xf
+        for (i0, i1, x), (_, _, xf) in zip(self.sch.chunks(store.inputs, chunk),
+                                           self.sch.chunks(store.fp_inputs, chunk, "fp activation chunk")):
+            yield i0, i1, x, xf
+
+    # ----- accumulating statistics chunk by chunk ------------------------------------------
+    # One set of helpers per kind of statistic, shared by the per-group phases (true-sequential,
+    # RTN) and the one-forward pass: the same products summed in the same order either way.
+    def _col_accumulators(self, block, layer: str, gains: int | None) -> dict:
+        """H (and with --fp-targets C) of ``layer``'s input; with ``gains`` the MLP-input layers'
+        block-diagonal ``E[m m^T]``."""
+        n_in = self.adapter_in_features(block, layer)
+        I = self.adapter.intermediate_size
+        return {"layer": layer,
+                "H": self.sch.accumulator(f"H {layer}", (n_in, n_in)),
+                "C": self.sch.accumulator(f"C {layer}", (n_in, n_in)) if self.qc.fp_targets else None,
+                "m": {n: self.sch.accumulator(f"E[m m^T] {n}", (I // gains, gains, gains))
+                      for n in self.adapter.mlp_in} if gains else None, "gains": gains}
+
+    def _col_add(self, block, acc: dict, xa: torch.Tensor, xfa: torch.Tensor | None) -> None:
+        self.sch.accumulate(acc["H"], gram(xa))
+        if xfa is not None:
+            self.sch.accumulate(acc["C"], cross_gram(xfa, xa))
+        if acc["m"] is not None:   # one sample at a time: the gains are I-wide float32 per token
+            for xs in xa.split(1):
+                for n, m in self.adapter.mlp_gains(block, xs).items():
+                    self.sch.accumulate(acc["m"][n], gain_grams(m, acc["gains"]))
+
+    def _col_settle(self, acc: dict, tokens: int) -> tuple:
+        layer = acc["layer"]
+        H = self.sch.settle(f"H {layer}", acc["H"]).div_(tokens)
+        C = None if acc["C"] is None else self.sch.settle(f"C {layer}", acc["C"]).div_(tokens)
+        S = None if acc["m"] is None else {n: self.sch.settle(f"E[m m^T] {n}", t).div_(tokens)
+                                           for n, t in acc["m"].items()}
+        return H, C, S
+
+    def _attn_accumulators(self) -> dict:
+        """H of q/k/v's input (and C), and for BoA the key and query Grams per KV head."""
+        h, d = self.heads, self.heads.hidden_size
+        boa = self.qc.method == "boa"
+        return {"H": self.sch.accumulator("H qkv", (d, d)),
+                "k": self.sch.accumulator("G_k", (h.n_kv_heads, h.head_dim, h.head_dim)) if boa else None,
+                "q": self.sch.accumulator("G_q", (h.n_kv_heads, h.head_dim, h.head_dim)) if boa else None,
+                "C": self.sch.accumulator("C qkv", (d, d)) if self.qc.fp_targets else None}
+
+    def _attn_add(self, block, acc: dict, xa: torch.Tensor, xfa: torch.Tensor | None) -> None:
+        self.sch.accumulate(acc["H"], gram(xa))
+        if xfa is not None:
+            self.sch.accumulate(acc["C"], cross_gram(xfa, xa))
+        if acc["k"] is not None:
+            st = self.adapter.attention_states(block, xa, self.kwargs)
+            gk, gq = attention_grams(st, self.heads.n_rep)
+            self.sch.accumulate(acc["k"], gk)
+            self.sch.accumulate(acc["q"], gq)
+
+    def _attn_settle(self, block, acc: dict, tokens: int) -> tuple:
+        """``(H_qkv, C_qkv or None, (H_row_q, H_row_k) or None)``."""
+        H_qkv = self.sch.settle("H qkv", acc["H"]).div_(tokens)
+        C_qkv = None if acc["C"] is None else self.sch.settle("C qkv", acc["C"]).div_(tokens)
+        rows = None
+        if acc["k"] is not None:
+            G_k = self.sch.settle("G_k", acc["k"]) / tokens
+            G_q = self.sch.settle("G_q", acc["q"]) / tokens
+            cos_sin = None
+            if self.adapter.uses_rope:
+                cos, sin = self.adapter.rope_cos_sin(self.kwargs, self.qc.seqlen)
+                cos_sin = (self.sch.to_host(cos.float()), self.sch.to_host(sin.float()))
+            q_norm, k_norm = self.adapter.qk_norm_weights(block)
+            q_norm = None if q_norm is None else self.sch.to_host(q_norm)
+            k_norm = None if k_norm is None else self.sch.to_host(k_norm)
+            rows = qk_row_hessians(G_k, G_q, self.heads.n_rep, cos_sin, q_norm, k_norm)
+        return H_qkv, C_qkv, rows
 
     def _column_hessian(self, block, store: ActivationStore, layer: str, phase: str, gains: int | None = None):
         """Mean ``x x^T`` of the inputs of ``layer`` over all calibration tokens (host, float32);
@@ -97,28 +167,15 @@ class BlockQuantizer:
         Returns ``(H, C or None, {layer: E[m m^T]} or None)``."""
         t0 = time.perf_counter()
         with self._phase(phase), self._workspace(phase):
-            n_in = self.adapter_in_features(block, layer)
-            acc = self.sch.accumulator(f"H {layer}", (n_in, n_in))
-            acc_c = self.sch.accumulator(f"C {layer}", (n_in, n_in)) if self.qc.fp_targets else None
-            I = self.adapter.intermediate_size
-            acc_m = {n: self.sch.accumulator(f"E[m m^T] {n}", (I // gains, gains, gains))
-                     for n in self.adapter.mlp_in} if gains else None
+            acc = self._col_accumulators(block, layer, gains)
             tokens = 0
-            for x, xf in self._pairs(store, self.plan.chunk):
+            for _, _, x, xf in self._pairs(store, self.plan.chunk):
                 xa = capture_input(block, layer, x, self.kwargs)
-                self.sch.accumulate(acc, gram(xa))
-                if xf is not None:
-                    self.sch.accumulate(acc_c, cross_gram(capture_input(block, layer, xf, self.kwargs), xa))
-                if acc_m is not None:   # one sample at a time: the gains are I-wide float32 per token
-                    for xs in xa.split(1):
-                        for n, m in self.adapter.mlp_gains(block, xs).items():
-                            self.sch.accumulate(acc_m[n], gain_grams(m, gains))
+                self._col_add(block, acc, xa, None if xf is None else capture_input(block, layer, xf, self.kwargs))
                 tokens += xa.numel() // xa.shape[-1]
-            H = self.sch.settle(f"H {layer}", acc).div_(tokens)
-            C = None if acc_c is None else self.sch.settle(f"C {layer}", acc_c).div_(tokens)
-            S = None if acc_m is None else {n: self.sch.settle(f"E[m m^T] {n}", t).div_(tokens) for n, t in acc_m.items()}
+            out = self._col_settle(acc, tokens)
         self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + time.perf_counter() - t0
-        return H, C, S
+        return out
 
     def _orders(self, boa: bool, search: bool) -> list:
         """(act_order_col, act_order_row) combinations to try: the configured one, or all of them."""
@@ -135,43 +192,50 @@ class BlockQuantizer:
         """Shared H_col of q/k/v, with ``--fp-targets`` its cross statistics ``C`` (else None),
         and, for BoA, the row Hessians of W_Q and W_K."""
         t0 = time.perf_counter()
-        h = self.heads
-        boa = self.qc.method == "boa"
         with self._phase(PHASE_ATTN), self._workspace(PHASE_ATTN):
-            d = h.hidden_size
-            acc = self.sch.accumulator("H qkv", (d, d))
-            acc_k = self.sch.accumulator("G_k", (h.n_kv_heads, h.head_dim, h.head_dim)) if boa else None
-            acc_q = self.sch.accumulator("G_q", (h.n_kv_heads, h.head_dim, h.head_dim)) if boa else None
-            acc_c = self.sch.accumulator("C qkv", (d, d)) if self.qc.fp_targets else None
+            acc = self._attn_accumulators()
             tokens = 0
-            for x, xf in self._pairs(store, self.plan.chunk):
+            for _, _, x, xf in self._pairs(store, self.plan.chunk):
                 xa = capture_input(block, self.adapter.q_proj, x, self.kwargs)
-                self.sch.accumulate(acc, gram(xa))
-                if xf is not None:
-                    self.sch.accumulate(acc_c, cross_gram(capture_input(block, self.adapter.q_proj, xf, self.kwargs),
-                                                          xa))
+                xfa = None if xf is None else capture_input(block, self.adapter.q_proj, xf, self.kwargs)
+                self._attn_add(block, acc, xa, xfa)
                 tokens += xa.numel() // xa.shape[-1]
-                if boa:
-                    st = self.adapter.attention_states(block, xa, self.kwargs)
-                    gk, gq = attention_grams(st, h.n_rep)
-                    self.sch.accumulate(acc_k, gk)
-                    self.sch.accumulate(acc_q, gq)
-            H_qkv = self.sch.settle("H qkv", acc).div_(tokens)
-            C_qkv = None if acc_c is None else self.sch.settle("C qkv", acc_c).div_(tokens)
-            rows = None
-            if boa:
-                G_k = self.sch.settle("G_k", acc_k) / tokens
-                G_q = self.sch.settle("G_q", acc_q) / tokens
-                cos_sin = None
-                if self.adapter.uses_rope:
-                    cos, sin = self.adapter.rope_cos_sin(self.kwargs, self.qc.seqlen)
-                    cos_sin = (self.sch.to_host(cos.float()), self.sch.to_host(sin.float()))
-                q_norm, k_norm = self.adapter.qk_norm_weights(block)
-                q_norm = None if q_norm is None else self.sch.to_host(q_norm)
-                k_norm = None if k_norm is None else self.sch.to_host(k_norm)
-                rows = qk_row_hessians(G_k, G_q, h.n_rep, cos_sin, q_norm, k_norm)
+            out = self._attn_settle(block, acc, tokens)
         self.phase_seconds[PHASE_ATTN] = time.perf_counter() - t0
-        return H_qkv, C_qkv, rows
+        return out
+
+    def one_pass_statistics(self, block, store: ActivationStore):
+        """Every statistic of the block from one forward of the full-precision block per chunk
+        (the default, one-pass order): the inputs of q/k/v, the out-projection, the MLP input and
+        the MLP-output layer are recorded in a single run that stops at the last of them. With
+        ``--fp-targets`` the fp stream's chunk runs through the whole block once: its recorded
+        inputs give every ``C`` and its output is the fp stream's next block input. Returns
+        ``(H_qkv, C_qkv, rows, {layer: (H, C, S)})`` -- the same sums as the per-group phases."""
+        t0 = time.perf_counter()
+        a = self.adapter
+        later = [a.o_proj, a.mlp_in[0], a.mlp_out]
+        layers = [a.q_proj, *later]
+        gains = {a.mlp_in[0]: self.plan.inputs.mlp_row_group}
+        with self._phase(PHASE_STATS), self._workspace(PHASE_STATS):
+            attn = self._attn_accumulators()
+            cols = {name: self._col_accumulators(block, name, gains.get(name)) for name in later}
+            tokens = 0
+            for i0, i1, x, xf in self._pairs(store, self.plan.chunk):
+                cap, _ = capture_inputs(block, layers, x, self.kwargs)
+                capf = {}
+                if xf is not None:
+                    capf, out = capture_inputs(block, layers, xf, self.kwargs, full=True)
+                    self.sch.store(store.fp_outputs, i0, i1, out)
+                    del out
+                self._attn_add(block, attn, cap[a.q_proj], capf.get(a.q_proj))
+                for name in later:
+                    self._col_add(block, cols[name], cap[name], capf.get(name))
+                tokens += x.numel() // x.shape[-1]
+                del cap, capf
+            H_qkv, C_qkv, rows = self._attn_settle(block, attn, tokens)
+            early = {name: self._col_settle(cols[name], tokens) for name in later}
+        self.phase_seconds[PHASE_STATS] = time.perf_counter() - t0
+        return H_qkv, C_qkv, rows, early
 
     def block_v_statistics(self, block, store: ActivationStore) -> torch.Tensor:
         """Per-KV-head ``X A^T A X^T`` (mean over tokens), a few query heads at a time."""
@@ -307,14 +371,16 @@ class BlockQuantizer:
             # before it already quantized; otherwise all of them come from one pass over the
             # full-precision block (the official BoA code's order)
             later = {a.o_proj: PHASE_OUT, a.mlp_in[0]: PHASE_MLP_IN, a.mlp_out: PHASE_MLP_OUT}
-            if qc.fp_targets:   # the fp model's block outputs, from the fp block on the fp stream
-                self.phase_seconds[PHASE_FP_PROPAGATE] = self.propagate(block, store, fp=True)
-            H_qkv, C_qkv, rows = self.attention_statistics(block, store)
-            H_v = self.block_v_statistics(block, store) if qc.method == "boa" and qc.block_v else H_qkv
             # BoA's MLP row Hessians: the row-group size the plan budgeted (None: off)
             gains = {a.mlp_in[0]: self.plan.inputs.mlp_row_group}
-            early = {} if qc.true_sequential else {
-                name: self._column_hessian(block, store, name, phase, gains.get(name)) for name, phase in later.items()}
+            if qc.true_sequential:
+                if qc.fp_targets:   # (the configuration refuses this pair; kept for completeness)
+                    self.phase_seconds[PHASE_FP_PROPAGATE] = self.propagate(block, store, fp=True)
+                H_qkv, C_qkv, rows = self.attention_statistics(block, store)
+                early = {}
+            else:   # one forward per chunk gives every group's statistics (and the fp stream's output)
+                H_qkv, C_qkv, rows, early = self.one_pass_statistics(block, store)
+            H_v = self.block_v_statistics(block, store) if qc.method == "boa" and qc.block_v else H_qkv
 
             def col_stats(name):
                 return early.pop(name) if name in early else \

@@ -52,6 +52,36 @@ def capture_output(block: torch.nn.Module, layer: str, x: torch.Tensor, kwargs: 
     return _capture(block, layer, x, kwargs, output=True)
 
 
+def capture_inputs(block: torch.nn.Module, layers: list[str], x: torch.Tensor, kwargs: dict,
+                   full: bool = False) -> tuple[dict, torch.Tensor | None]:
+    """One run of ``block`` on ``x`` that records the first input of each of ``layers``: the
+    same tensors ``capture_input`` returns one layer at a time. Without ``full`` the block stops
+    once all of them are recorded (output ``None``); with ``full`` it runs to the end and its
+    output is returned as well."""
+    box: dict = {}
+
+    def hook_for(name):
+        def pre_hook(module, args):
+            box.setdefault(name, args[0])
+            if not full and len(box) == len(layers):
+                raise _Stop
+        return pre_hook
+
+    handles = [block.get_submodule(name).register_forward_pre_hook(hook_for(name)) for name in layers]
+    out = None
+    try:
+        out = block_forward(block, x, kwargs)
+    except _Stop:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [name for name in layers if name not in box]
+    if missing:
+        raise RuntimeError(f"the block never called {', '.join(missing)}")
+    return box, out
+
+
 def block_forward(block: torch.nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
     out = block(x, **kwargs)
     return out[0] if isinstance(out, tuple) else out

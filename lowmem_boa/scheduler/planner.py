@@ -33,6 +33,7 @@ PHASE_BLOCK_V = "block_v statistics"
 PHASE_OUT = "out-proj statistics"
 PHASE_MLP_IN = "MLP-input statistics"
 PHASE_MLP_OUT = "MLP-output statistics"
+PHASE_STATS = "block statistics (one forward)"   # one pass (default): all four groups above at once
 PHASE_PROPAGATE = "propagate (block forward)"
 PHASE_FP_PROPAGATE = "fp stream (full-precision block forward)"
 PHASE_SOLVE = "solve (per layer)"
@@ -242,11 +243,12 @@ def build_phases(D: Dims, inp: PlanInputs, c: int, ca: int, g: int, hess_dev: bo
             terms.update({"fp-stream input chunk": act, "fp-stream layer input": captured,
                           "C partial": gram(n), "C accumulator": acc(n)})
         return terms
-    phases.append(Phase(PHASE_ATTN, with_fp({
-        "block weights": blk, "input chunk": act, "attention input": act + x32,
-        "q/k/v (float32, rotated)": c * L * (D.H + 2 * D.Hkv) * D.dh * F32 * 2,
-        "H partial": gram(D.d) + 2 * D.Hkv * D.dh * D.dh * F32,
-        "H accumulator": acc(D.d) + (2 * D.Hkv * D.dh * D.dh * F32 if hess_dev else 0)}, D.d, act + x32)))
+    if not one_pass(inp):
+        phases.append(Phase(PHASE_ATTN, with_fp({
+            "block weights": blk, "input chunk": act, "attention input": act + x32,
+            "q/k/v (float32, rotated)": c * L * (D.H + 2 * D.Hkv) * D.dh * F32 * 2,
+            "H partial": gram(D.d) + 2 * D.Hkv * D.dh * D.dh * F32,
+            "H accumulator": acc(D.d) + (2 * D.Hkv * D.dh * D.dh * F32 if hess_dev else 0)}, D.d, act + x32)))
     if inp.method == "boa" and inp.block_v:
         kv = max(1, g // (D.H // D.Hkv))
         phases.append(Phase(PHASE_BLOCK_V, {
@@ -259,6 +261,13 @@ def build_phases(D: Dims, inp: PlanInputs, c: int, ca: int, g: int, hess_dev: bo
             f"{g} query heads x {ca} samples per step"))
     attn_fwd = _attention_forward(c, L, D, b)
     HO = D.H * D.dh
+    mlp = c * L * D.I * b * (D.n_mlp_in + 1)
+    if one_pass(inp):
+        phases.insert(1, Phase(PHASE_STATS, _one_pass_terms(D, inp, c, hess_dev, blk, act, x32, attn_fwd, mlp),
+                               "every group's inputs from one forward per chunk"))
+        phases.append(Phase(PHASE_PROPAGATE, _propagate_terms(blk, act, attn_fwd, mlp)))
+        phases.append(_solve_phase(D, inp, blk, b))
+        return phases
     phases.append(Phase(PHASE_OUT, with_fp({
         "block weights": blk, "input chunk": act, "attention forward": attn_fwd,
         "out-proj input (+ float32)": c * L * HO * (b + F32), "H partial": gram(HO), "H accumulator": acc(HO)},
@@ -271,15 +280,61 @@ def build_phases(D: Dims, inp: PlanInputs, c: int, ca: int, g: int, hess_dev: bo
         mlp_in_terms.update({"MLP gains of one sample (float32)": L * D.I * F32 * (D.n_mlp_in + 4),
                              "E[m m^T] partial": gm, "E[m m^T] accumulator": gm if hess_dev else 0})
     phases.append(Phase(PHASE_MLP_IN, mlp_in_terms))
-    mlp = c * L * D.I * b * (D.n_mlp_in + 1)
     phases.append(Phase(PHASE_MLP_OUT, with_fp({
         "block weights": blk, "input chunk": act, "residual stream": 3 * act, "MLP activations": mlp,
         "MLP output input (+ float32)": c * L * D.I * (b + F32), "H partial": gram(D.I), "H accumulator": acc(D.I)},
         D.I, c * L * D.I * (b + F32))))
-    propagate = {"block weights": blk, "input + output chunk": 2 * act, "attention forward": attn_fwd,
-                 "MLP activations": mlp, "residual stream": 3 * act}
+    propagate = _propagate_terms(blk, act, attn_fwd, mlp)
     phases.append(Phase(PHASE_PROPAGATE, propagate))
-    # the largest solver call of a block; V under block_v has one H_col per KV head
+    phases.append(_solve_phase(D, inp, blk, b))
+    if fp:   # the full-precision block's forward on the fp stream: the same footprint
+        phases.append(Phase(PHASE_FP_PROPAGATE, dict(propagate)))
+    return phases
+
+
+def one_pass(inp: PlanInputs) -> bool:
+    """A block's statistics come from one forward per chunk (``BlockQuantizer.one_pass_statistics``):
+    GPTQ and BoA without ``--true-sequential``; RTN's Hessian grid runs layer by layer."""
+    return inp.calibration and inp.method != "rtn" and not inp.true_sequential
+
+
+def _propagate_terms(blk: int, act: int, attn_fwd: int, mlp: int) -> dict:
+    return {"block weights": blk, "input + output chunk": 2 * act, "attention forward": attn_fwd,
+            "MLP activations": mlp, "residual stream": 3 * act}
+
+
+def _one_pass_terms(D: Dims, inp: PlanInputs, c: int, hess_dev: bool, blk: int, act: int, x32: int,
+                    attn_fwd: int, mlp: int) -> dict:
+    """The one-forward statistics phase: the forward of a chunk (to the MLP-output layer's input;
+    with --fp-targets the fp stream's chunk through the whole block, its output kept), the four
+    recorded layer inputs of each stream held at once, one float32 copy and one Gram partial at a
+    time, and every accumulator of the block (on the device when the Hessians live there)."""
+    L, b = inp.seqlen, inp.dtype_bytes
+    HO = D.H * D.dh
+    gram = lambda n: n * n * F32  # noqa: E731
+    streams = 2 if inp.fp_targets else 1
+    boa = inp.method == "boa"
+    sizes = (D.d, HO, D.d, D.I)                           # q/k/v, out-proj, MLP input, MLP output
+    recorded = c * L * sum(sizes) * b
+    rows_g = 2 * D.Hkv * D.dh * D.dh * F32 if boa else 0  # G_k, G_q
+    accs = sum(gram(n) for n in sizes) * streams + rows_g
+    terms = {"block weights": blk, "input chunk": act, "attention forward": attn_fwd, "residual stream": 3 * act,
+             "MLP activations": mlp, "recorded layer inputs": recorded * streams,
+             "float32 copy of one input": c * L * max(sizes) * F32,
+             "H partial": gram(max(sizes)) + rows_g, "H accumulator": accs if hess_dev else 0}
+    if boa:
+        terms["q/k/v (float32, rotated)"] = c * L * (D.H + 2 * D.Hkv) * D.dh * F32 * 2
+    if inp.fp_targets:
+        terms.update({"fp-stream input + output chunk": 2 * act, "C partial": gram(max(sizes))})
+    if inp.mlp_row_group:   # the MLP-input layers' outputs and gains (float32), E[m m^T] per row block
+        gm = D.n_mlp_in * D.I * inp.mlp_row_group * F32
+        terms.update({"MLP gains of one sample (float32)": L * D.I * F32 * (D.n_mlp_in + 4),
+                      "E[m m^T] partial": gm, "E[m m^T] accumulator": gm if hess_dev else 0})
+    return terms
+
+
+def _solve_phase(D: Dims, inp: PlanInputs, blk: int, b: int) -> Phase:
+    """The largest solver call of a block; V under block_v has one H_col per KV head."""
     worst = {}
     mlp_rows = D.I * inp.mlp_row_group * F32 if inp.mlp_row_group else 0
     for name, (r, cc) in D.linear_shapes.items():
@@ -290,13 +345,10 @@ def build_phases(D: Dims, inp: PlanInputs, c: int, ca: int, g: int, hess_dev: bo
             worst, worst_name = ws, name
     row_h = max(D.H * D.dh * D.dh * F32, mlp_rows) if inp.method == "boa" else 0
     solve = {"block weights": blk, **worst, "H_row": row_h}
-    if fp:   # the weight is corrected before the solver runs: only what exceeds its workspace counts
+    if inp.fp_targets:   # the weight is corrected before the solver runs: only what exceeds its workspace counts
         corr = max(2 * cc * cc * F32 + fp_target_workspace(r, cc) for r, cc in D.linear_shapes.values())
         solve["fp-target correction (beyond the solver's workspace)"] = max(0, corr - sum(worst.values()) - row_h)
-    phases.append(Phase(PHASE_SOLVE, solve, f"largest: {worst_name}"))
-    if fp:   # the full-precision block's forward on the fp stream: the same footprint
-        phases.append(Phase(PHASE_FP_PROPAGATE, dict(propagate)))
-    return phases
+    return Phase(PHASE_SOLVE, solve, f"largest: {worst_name}")
 
 
 def grid_candidates(coarse: int = 1, n_shrink: int = 80, roundings: int = 2) -> int:
@@ -312,7 +364,7 @@ def _gflops(D: Dims, inp: PlanInputs) -> dict:
     """Arithmetic (GFLOP) of each phase for one block, keyed by phase name.
 
     Statistics phases count the partial block forward they run to reach their layer plus their
-    Gram products; ``solve`` counts the grid search (Hessian grid only), the OPTQ sweep (``2RC^2``)
+    Gram products (one pass: one forward per stream and all of the block's Grams); ``solve`` counts the grid search (Hessian grid only), the OPTQ sweep (``2RC^2``)
     and one Cholesky/inverse (``C^3``) per layer. Dense counts; causal attention is counted full.
     """
     N, L = inp.nsamples, inp.seqlen
@@ -346,6 +398,17 @@ def _gflops(D: Dims, inp: PlanInputs) -> dict:
             out[ph] += out[ph] - (2 * tok * D.d * (D.H + D.Hkv) * D.dh / 1e9 if ph == PHASE_ATTN and boa else 0)
         out[PHASE_FP_PROPAGATE] = out[PHASE_PROPAGATE]
         out[PHASE_SOLVE] += sum(c ** 3 / 3 + 4 * r * c * c for r, c in D.linear_shapes.values()) / 1e9
+    if one_pass(inp):   # one forward to the MLP-output layer's input, every Gram of the block; with
+        # --fp-targets the fp stream's whole block forward (its propagation) and every C as well
+        grams = 2 * tok * (2 * D.d * D.d + HO * HO + D.I * D.I)
+        g = qkv + attn + o + mlp_in + grams + (2 * tok * D.d * (D.H + D.Hkv) * D.dh if boa else 0)
+        if inp.mlp_row_group:
+            g += mlp_in + 2 * tok * D.I * inp.mlp_row_group * D.n_mlp_in
+        if inp.fp_targets:
+            g += 2 * tok * block_linear + attn + grams
+        for ph in (PHASE_ATTN, PHASE_OUT, PHASE_MLP_IN, PHASE_MLP_OUT, PHASE_FP_PROPAGATE):
+            out.pop(ph, None)
+        out[PHASE_STATS] = g / 1e9
     return out
 
 
@@ -428,8 +491,8 @@ def make_plan(adapter: ModelAdapter, inp: PlanInputs, budget: int, cpu_budget: i
 def host_hessians_by_phase(D: Dims, inp: PlanInputs) -> dict:
     """float32 Hessians held on the host during each phase of a block, in the pipeline's order.
 
-    One pass (default): every set is computed before any layer is solved and all are held through
-    the solve phase. True-sequential: q/k/v's H (and block_v's per-head H of V) stay referenced for
+    One pass (default): every set but block_v's is accumulated in the one-forward phase, then
+    block_v's; all are held through the solve phase. True-sequential: q/k/v's H (and block_v's per-head H of V) stay referenced for
     the whole block, the later sets one at a time. RTN: one layer's H at a time.
     """
     if not inp.calibration:
@@ -444,12 +507,12 @@ def host_hessians_by_phase(D: Dims, inp: PlanInputs) -> dict:
         return {PHASE_ATTN: big, PHASE_OUT: big, PHASE_MLP_IN: big, PHASE_MLP_OUT: big, PHASE_SOLVE: big}
     if inp.fp_targets:   # one pass; every H has its C = X_fp X~^T (V under block_v uses q/k/v's)
         qkv, o, mlp_in, mlp_out = 2 * qkv, 2 * o, 2 * mlp_in, 2 * mlp_out
-    if inp.true_sequential:
-        first = qkv + v
-        return {PHASE_ATTN: qkv, PHASE_BLOCK_V: first, PHASE_OUT: first + o, PHASE_MLP_IN: first + mlp_in,
-                PHASE_MLP_OUT: first + mlp_out, PHASE_SOLVE: first + max(o, mlp_in, mlp_out)}
-    return {PHASE_ATTN: qkv, PHASE_BLOCK_V: qkv + v, PHASE_OUT: qkv + v + o, PHASE_MLP_IN: qkv + v + o + mlp_in,
-            PHASE_MLP_OUT: qkv + v + o + mlp_in + mlp_out, PHASE_SOLVE: qkv + v + o + mlp_in + mlp_out}
+    if one_pass(inp):   # every set accumulated in one phase, then block_v's, all held through the solves
+        return {PHASE_STATS: qkv + o + mlp_in + mlp_out, PHASE_BLOCK_V: qkv + v + o + mlp_in + mlp_out,
+                PHASE_SOLVE: qkv + v + o + mlp_in + mlp_out}
+    first = qkv + v     # true-sequential
+    return {PHASE_ATTN: qkv, PHASE_BLOCK_V: first, PHASE_OUT: first + o, PHASE_MLP_IN: first + mlp_in,
+            PHASE_MLP_OUT: first + mlp_out, PHASE_SOLVE: first + max(o, mlp_in, mlp_out)}
 
 
 DISK_STATE = "run state (packed codes + grids, all blocks)"
