@@ -2,8 +2,10 @@
 
     python run_eval.py --model out/llama2-7b-boa-w2 --datasets wikitext2,ptb,c4 --max-gpu-mem 14GiB
 
-Reads fake-quantized or plain Hugging Face checkpoints and lowmem_boa packed checkpoints. Perplexity
-streams the model one block at a time under ``--max-gpu-mem`` (a 7B evaluates on a 16 GB GPU).
+Reads fake-quantized or plain Hugging Face checkpoints, lowmem_boa packed checkpoints and GGUF files
+(``--model file.gguf``: dequantized by transformers' GGUF loader into a temporary directory, every
+k-quant type included). Perplexity streams the model one block at a time under ``--max-gpu-mem``
+(a 7B evaluates on a 16 GB GPU).
 Exit codes: 0 done, 2 bad input (nothing was evaluated), 1 failure.
 """
 
@@ -20,7 +22,8 @@ from ..data import DATASETS
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="run_eval.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="model directory (fake-quant, plain, or lowmem_boa packed)")
+    p.add_argument("--model", required=True, help="model directory (fake-quant, plain, or lowmem_boa packed) "
+                   "or a .gguf file")
     p.add_argument("--datasets", default="wikitext2", help=f"comma-separated from {', '.join(DATASETS)}; '' for none")
     p.add_argument("--seqlen", type=int, default=2048, help="window length (capped to the model's positions)")
     p.add_argument("--data-dir", help="local corpora (wikitext2/, ptb/, c4/); default: Hugging Face hub")
@@ -38,9 +41,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def is_gguf(model: str) -> bool:
+    return Path(model).suffix.lower() == ".gguf"
+
+
 def check_model_dir(model: str) -> dict:
-    """The model must be a local directory with a config we can evaluate."""
+    """The model must be a local directory with a config we can evaluate (or a GGUF file)."""
     path = Path(model)
+    if is_gguf(model):
+        if not path.is_file():
+            raise ValueError(f"--model {model}: no such GGUF file")
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise ValueError(f"--model {model}: not a GGUF file (no GGUF magic)")
+        return {}
     if not (path / "config.json").is_file():
         raise ValueError(f"--model {model}: no config.json (not a Hugging Face model directory)")
     cfg = json.loads((path / "config.json").read_text())
@@ -68,9 +82,20 @@ def main(argv=None) -> int:
 
     datasets = [d for d in args.datasets.split(",") if d]
     tasks = [t for t in args.tasks.split(",") if t]
+    import tempfile
+    gguf_tmp = None
     try:
         check_model_dir(args.model)
-        config = load_config(args.model)
+        if is_gguf(args.model):   # dequantized into a temporary Hugging Face directory, removed at exit
+            from ..export.gguf_file import gguf_to_hf
+            gguf_tmp = tempfile.TemporaryDirectory(prefix="lowmem_boa_gguf_")
+            console.print(f"note: reading {args.model} (GGUF) through transformers' GGUF loader")
+            try:
+                gguf_to_hf(args.model, gguf_tmp.name)
+            except Exception as e:   # unsupported architecture or type: transformers says which
+                raise ValueError(f"--model {args.model}: transformers cannot read this GGUF file ({e})") from e
+        model_dir = gguf_tmp.name if gguf_tmp else args.model
+        config = load_config(model_dir)
         adapter = get_adapter(config)
         for d in datasets:
             if d not in DATASETS:
@@ -91,14 +116,14 @@ def main(argv=None) -> int:
     results = {"model": str(Path(args.model).resolve()), "seqlen": seqlen, "perplexity": {}, "zero_shot": {}}
     try:
         if datasets:
-            results["perplexity"] = evaluate_perplexity(args.model, datasets, seqlen, args.data_dir, args.device,
+            results["perplexity"] = evaluate_perplexity(model_dir, datasets, seqlen, args.data_dir, args.device,
                                                         args.max_gpu_mem, args.max_windows, dtype)
         if tasks:
             from ..eval.zeroshot import ZeroShotUnavailable, zero_shot
             dt = getattr(torch, dtype) if dtype else (torch.float32 if device.type == "cpu" else torch.float16)
             limit = int(args.limit) if args.limit and args.limit >= 1 else args.limit
             try:
-                results["zero_shot"] = zero_shot(args.model, tasks, device, dt, args.tasks_include_path, limit,
+                results["zero_shot"] = zero_shot(model_dir, tasks, device, dt, args.tasks_include_path, limit,
                                                  args.batch_size, args.num_fewshot)
             except ZeroShotUnavailable as e:
                 return fail(str(e))

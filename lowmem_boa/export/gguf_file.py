@@ -1,0 +1,176 @@
+"""GGUF files for llama.cpp: the container, names, metadata and tokenizer of a Llama-architecture
+model, and the way back to a Hugging Face directory.
+
+``write_llama_gguf`` writes a model directory's weights as llama.cpp's converter would
+(``convert_hf_to_gguf.py``): GGUF names (``blk.N.attn_q.weight`` ...), q/k rows permuted to
+llama.cpp's rotary layout (within each head, the two halves interleaved), norms in float32, the other
+tensors in float16 or float32, the tied output head omitted, the hyper-parameters llama.cpp reads
+and the tokenizer (byte-level BPE, ``tokenizer.ggml.model = gpt2``: tokens, types, merges, special
+ids, chat template). Quantized GGUF types (k-quants solved by GPTQ/BoA) are issue 18's next step;
+this is the container they go into, and the F16 file llama.cpp's own quantizer starts from.
+
+``gguf_to_hf`` reads a GGUF (any type the ``gguf`` package dequantizes: every k-quant included)
+back into a Hugging Face directory through transformers' GGUF loader, for ``run_eval.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+GGUF_ARCH = {"llama": "llama"}   # transformers model_type -> GGUF architecture written here
+
+_BLOCK_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+_TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+              "lm_head.weight": "output.weight"}
+
+
+class GGUFExportError(ValueError):
+    pass
+
+
+def gguf_name(hf_name: str) -> str:
+    """Hugging Face parameter name of a Llama model -> llama.cpp's tensor name."""
+    if hf_name in _TOP_NAMES:
+        return _TOP_NAMES[hf_name]
+    parts = hf_name.split(".")
+    if len(parts) > 3 and parts[0] == "model" and parts[1] == "layers":
+        rest = ".".join(parts[3:])
+        if rest in _BLOCK_NAMES:
+            return f"blk.{int(parts[2])}.{_BLOCK_NAMES[rest]}"
+    raise GGUFExportError(f"no GGUF name for tensor '{hf_name}' (Llama architecture)")
+
+
+def permute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's q/k row order: within each of ``n_head`` heads the rotary halves are interleaved
+    (rows ``[0, dh/2, 1, dh/2 + 1, ...]``). Rows only, so codes and per-row grids permute alike."""
+    r = w.shape[0]
+    return w.reshape(n_head, 2, r // n_head // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def unpermute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    r = w.shape[0]
+    return w.reshape(n_head, r // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _rope_theta(cfg: dict) -> float:
+    rp = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    kind = rp.get("rope_type", rp.get("type", "default"))
+    if kind not in ("default", None):
+        raise GGUFExportError(f"rope scaling '{kind}' is not written to GGUF yet (default RoPE only)")
+    return float(rp.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+
+
+def check_gguf_exportable(cfg: dict) -> None:
+    """Refuse, before any work, a model this writer cannot express."""
+    if cfg.get("model_type") not in GGUF_ARCH:
+        raise GGUFExportError(f"GGUF export supports the Llama architecture (model_type 'llama'); "
+                              f"this model is '{cfg.get('model_type')}'")
+    _rope_theta(cfg)
+    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
+        raise GGUFExportError("GGUF export: attention/MLP biases are not written yet")
+
+
+def _tokenizer_kv(writer, model_dir: Path) -> None:
+    import gguf
+    tok_file = model_dir / "tokenizer.json"
+    if not tok_file.is_file():
+        raise GGUFExportError(f"{model_dir}: no tokenizer.json to write into the GGUF")
+    tok = json.loads(tok_file.read_text())
+    model = tok.get("model", {})
+    if model.get("type") != "BPE":
+        raise GGUFExportError(f"GGUF export writes byte-level BPE tokenizers; this one is '{model.get('type')}'")
+    vocab = dict(model["vocab"])
+    added = {t["content"]: t for t in tok.get("added_tokens", [])}
+    for content, t in added.items():
+        vocab.setdefault(content, t["id"])
+    n = max(vocab.values()) + 1
+    tokens, types = [f"[PAD{i}]" for i in range(n)], [gguf.TokenType.UNUSED] * n
+    for text, i in vocab.items():
+        tokens[i] = text
+        t = added.get(text)
+        types[i] = (gguf.TokenType.CONTROL if t.get("special") else gguf.TokenType.USER_DEFINED) if t \
+            else gguf.TokenType.NORMAL
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")   # llama.cpp's pre-tokenizer table is keyed by a hash of its test text
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=n).add_to_gguf(writer)
+
+
+def write_llama_gguf(model_dir: str | Path, out_path: str | Path, tensors, float_type: str = "f16") -> Path:
+    """Write ``tensors`` (``(hf_name, torch.Tensor)`` pairs, e.g. a checkpoint's) of the Llama model in
+    ``model_dir`` (config and tokenizer) as a GGUF file; ``float_type`` f16 or f32 for the matrices."""
+    import gguf
+    model_dir, out_path = Path(model_dir), Path(out_path)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    check_gguf_exportable(cfg)
+    if float_type not in ("f16", "f32"):
+        raise GGUFExportError(f"float_type must be f16 or f32, got {float_type!r}")
+    n_head, n_kv = int(cfg["num_attention_heads"]), int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"])
+    d = int(cfg["hidden_size"])
+    head_dim = int(cfg.get("head_dim") or d // n_head)
+    tmp = out_path.with_name(out_path.name + ".partial")
+    w = gguf.GGUFWriter(str(tmp), arch=GGUF_ARCH[cfg["model_type"]])
+    w.add_name(model_dir.name)
+    w.add_context_length(int(cfg["max_position_embeddings"]))
+    w.add_embedding_length(d)
+    w.add_block_count(int(cfg["num_hidden_layers"]))
+    w.add_feed_forward_length(int(cfg["intermediate_size"]))
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_kv)
+    w.add_rope_freq_base(_rope_theta(cfg))
+    w.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
+    w.add_rope_dimension_count(head_dim)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_vocab_size(int(cfg["vocab_size"]))
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if float_type == "f16" else gguf.LlamaFileType.ALL_F32)
+    _tokenizer_kv(w, model_dir)
+    tied = bool(cfg.get("tie_word_embeddings"))
+    for name, t in tensors:
+        if name == "lm_head.weight" and tied:
+            continue
+        t = t.detach().float()
+        if name.endswith("q_proj.weight"):
+            t = permute_rows(t, n_head)
+        elif name.endswith("k_proj.weight"):
+            t = permute_rows(t, n_kv)
+        arr = t.numpy()
+        if t.dim() > 1 and float_type == "f16":
+            arr = arr.astype(np.float16)
+        w.add_tensor(gguf_name(name), np.ascontiguousarray(arr))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    tmp.replace(out_path)
+    return out_path
+
+
+def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+    """A GGUF file -> a Hugging Face directory (weights dequantized by transformers' GGUF loader,
+    tokenizer and config from the file's metadata)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=dtype)
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    clean = type(model)(type(model.config).from_dict(cfg))
+    clean.load_state_dict(model.state_dict(), strict=True)
+    clean.to(dtype).save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name).save_pretrained(out_dir)
+    return out_dir

@@ -1,0 +1,107 @@
+"""GGUF container for llama.cpp (``export.gguf_file``) and ``run_eval.py`` on GGUF files: names, q/k
+row permutation, metadata and tokenizer survive a round trip through the ``gguf`` reader and
+transformers' GGUF loader bit for bit; unsupported models and bad files are refused up front."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lowmem_boa.export.gguf_file import (GGUFExportError, check_gguf_exportable, gguf_name, gguf_to_hf, permute_rows,
+                                         unpermute_rows, write_llama_gguf)
+
+from tiny_models import DATA, REPO, needs_shared, save_tiny_model, smollm2_dir
+
+
+def test_permutation_is_llama_cpp_rotary_order_and_invertible():
+    """Within each head the rows become [0, dh/2, 1, dh/2 + 1, ...]; unpermute undoes it."""
+    n_head, dh = 3, 8
+    w = torch.arange(n_head * dh, dtype=torch.float32).unsqueeze(1).repeat(1, 5)
+    p = permute_rows(w, n_head)
+    head0 = p[:dh, 0].tolist()
+    assert head0 == [0, 4, 1, 5, 2, 6, 3, 7]
+    assert p[dh:2 * dh, 0].tolist() == [8 + x for x in head0]
+    assert torch.equal(unpermute_rows(p, n_head), w)
+
+
+def test_names_and_refusals():
+    assert gguf_name("model.layers.3.self_attn.k_proj.weight") == "blk.3.attn_k.weight"
+    assert gguf_name("model.layers.12.mlp.down_proj.weight") == "blk.12.ffn_down.weight"
+    assert gguf_name("model.embed_tokens.weight") == "token_embd.weight"
+    with pytest.raises(GGUFExportError, match="no GGUF name"):
+        gguf_name("model.layers.0.self_attn.q_norm.weight")
+    with pytest.raises(GGUFExportError, match="Llama architecture"):
+        check_gguf_exportable({"model_type": "opt"})
+    with pytest.raises(GGUFExportError, match="rope scaling 'llama3'"):
+        check_gguf_exportable({"model_type": "llama", "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}})
+
+
+def _round_trip(model_dir, tmp_path, float_type):
+    sd = load_file(model_dir / "model.safetensors")
+    path = write_llama_gguf(model_dir, tmp_path / "m.gguf", sd.items(), float_type=float_type)
+    back = gguf_to_hf(path, tmp_path / "back")
+    return sd, path, back, load_file(back / "model.safetensors")
+
+
+@needs_shared
+def test_tiny_llama_round_trip_is_exact(tmp_path):
+    import gguf
+    from transformers import AutoTokenizer
+    model = save_tiny_model("llama", tmp_path / "m", seed=3)
+    sd, path, back, sd2 = _round_trip(model, tmp_path, "f32")
+    assert set(sd) == set(sd2)
+    for k in sd:
+        assert torch.equal(sd[k], sd2[k]), k
+    # in the file itself: llama.cpp's names, shapes and the permuted q rows
+    r = gguf.GGUFReader(path)
+    t = {x.name: x for x in r.tensors}
+    q = torch.from_numpy(t["blk.0.attn_q.weight"].data.copy())
+    assert torch.equal(q, permute_rows(sd["model.layers.0.self_attn.q_proj.weight"], 4))
+    assert r.fields["llama.attention.head_count_kv"].parts[-1][0] == 2
+    text = "The quick brown fox, 1234 jumps.\n  Over <pad> the lazy dog"
+    assert AutoTokenizer.from_pretrained(model)(text)["input_ids"] == AutoTokenizer.from_pretrained(back)(text)["input_ids"]
+
+
+@needs_shared
+def test_run_eval_reads_a_gguf_file_like_its_directory(tmp_path):
+    model = save_tiny_model("llama", tmp_path / "m", seed=4)
+    sd = load_file(model / "model.safetensors")
+    path = write_llama_gguf(model, tmp_path / "m.gguf", sd.items(), float_type="f32")
+    out = {}
+    for name, m in (("dir", model), ("gguf", path)):
+        r = subprocess.run([sys.executable, str(REPO / "run_eval.py"), "--model", str(m), "--datasets", "wikitext2",
+                            "--data-dir", DATA, "--seqlen", "64", "--max-windows", "4", "--device", "cpu",
+                            "--json", str(tmp_path / f"{name}.json"), "--no-progress"],
+                           capture_output=True, text=True, cwd=REPO, timeout=900)
+        assert r.returncode == 0, r.stderr
+        out[name] = json.loads((tmp_path / f"{name}.json").read_text())["perplexity"]["wikitext2"]["ppl"]
+    assert out["dir"] == out["gguf"]
+    (tmp_path / "fake.gguf").write_bytes(b"NOPE" + bytes(64))
+    for bad, msg in ((tmp_path / "missing.gguf", "no such GGUF file"), (tmp_path / "fake.gguf", "no GGUF magic")):
+        r = subprocess.run([sys.executable, str(REPO / "run_eval.py"), "--model", str(bad), "--data-dir", DATA],
+                           capture_output=True, text=True, cwd=REPO, timeout=300)
+        assert r.returncode == 2 and msg in r.stderr, r.stderr
+
+
+@needs_shared
+def test_smollm2_f16_gguf_round_trip(tmp_path):
+    """The real model (GQA 9/3, tied embeddings, RoPE theta 1e5, its byte-level BPE): the float16
+    checkpoint comes back bit for bit with its config, and WikiText-2 text tokenizes identically."""
+    from transformers import AutoTokenizer
+    src = smollm2_dir()
+    sd, path, back, sd2 = _round_trip(src, tmp_path, "f16")
+    assert set(sd) == set(sd2)
+    for k in sd:
+        assert torch.equal(sd[k].float(), sd2[k].float()), k
+    c1, c2 = (json.loads((d / "config.json").read_text()) for d in (src, back))
+    for key in ("num_attention_heads", "num_key_value_heads", "hidden_size", "intermediate_size", "rms_norm_eps",
+                "tie_word_embeddings", "vocab_size", "max_position_embeddings"):
+        assert c1[key] == c2[key], key
+    assert c1["rope_parameters"]["rope_theta"] == c2["rope_parameters"]["rope_theta"] == 100000.0
+    text = (REPO.parent / "shared" / "data" / "wikitext2" / "test.txt").read_text()[:20000]
+    assert AutoTokenizer.from_pretrained(src)(text)["input_ids"] == AutoTokenizer.from_pretrained(back)(text)["input_ids"]
