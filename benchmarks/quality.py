@@ -163,7 +163,10 @@ VARIANTS = {
 STUDIES = {
     "main": {"bits": ["2", "3", "4"], "variants": ["rtn", "gptq-minmax", "llmc-gptq", "gptq", "boa", "boa-noblockv",
                                                    "boa-mlprow"], "nsamples": [None]},
-    "paper": {"bits": ["2", "3", "3g128", "4g128"], "variants": ["rtn", "llmc-gptq", "gptq", "boa", "boa-default"],
+    # issue 16's protocol matrix: RTN, llm-compressor's GPTQ, GPTQ before/after issue 17, the paper's BoA,
+    # our BoA before issue 17 and today's default BoA (boa-turbo-auto)
+    "paper": {"bits": ["2", "3", "3g128", "4g128"], "variants": ["rtn", "llmc-gptq", "gptq", "gptq-turbo", "boa",
+                                                                 "boa-default", "boa-turbo-auto"],
               "nsamples": [None]},
     "ab": {"bits": ["2"], "variants": ["gptq-seq", "gptq", "boa-seq", "boa", "boa-seq-novrow", "boa-novrow",
                                        "gptq-seq-damp03", "boa-seq-damp03", "gptq-seq-damp10", "boa-seq-damp10"],

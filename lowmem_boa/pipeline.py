@@ -339,6 +339,9 @@ def _run(prep: PreparedRun, console: Console) -> dict:
         from .export.formats import export_choice
         for choice in ro.export:
             console.note(f"exporting {choice} to {output / choice}")
+            if choice == "gptq" and not qc.sym:
+                console.note("gptq (v1) with asymmetric grids: GPTQModel refuses such checkpoints unless it wrote "
+                             "them itself; export gptq_v2 for GPTQModel (docs/results.md, Interoperability)")
             export_choice(output, choice)
         report["exports"] = list(ro.export)
         state.mark_complete({"exported_files": files + ["quant_report.json"] + list(ro.export)})

@@ -76,7 +76,7 @@ def test_gptq_layout_unpacks_to_our_codes(run, tmp_path):
         fmt = "gptq_v2"
     cfg = json.loads((tmp_path / "g" / "config.json").read_text())["quantization_config"]
     assert cfg["quant_method"] == "gptq" and cfg["bits"] == bits and cfg["group_size"] == (gs or -1)
-    assert cfg["checkpoint_format"] == fmt
+    assert cfg["checkpoint_format"] == cfg["format"] == fmt and cfg["pack_dtype"] == "int32"
     st = load_file(tmp_path / "g" / "model.safetensors")
     blk = RunState(qdir).load_block(1, codes=True)[0]
     name = "self_attn.o_proj"

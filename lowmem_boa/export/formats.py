@@ -4,7 +4,9 @@
   and evaluable by ``run_eval.py``;
 * ``gptq``: the GPTQ checkpoint layout (``qweight``/``qzeros``/``scales``/``g_idx`` +
   ``quantization_config``) read by GPTQModel/AutoGPTQ, vLLM and SGLang; ``checkpoint_format="gptq"``
-  (v1: stored zero-points are ``zero - 1``) or ``"gptq_v2"`` (stored as is);
+  (v1: stored zero-points are ``zero - 1``) or ``"gptq_v2"`` (stored as is). GPTQModel loads v2 at
+  every grid and v1 only when symmetric: it refuses an asymmetric v1 checkpoint that GPTQModel did not
+  produce itself (``benchmarks/gptqmodel_check.py`` measures both);
 * ``compressed-tensors``: the ``pack-quantized`` format of compressed-tensors (transformers loads it,
   vLLM serves it).
 
@@ -114,8 +116,10 @@ def export_run(run_dir: str | Path, fmt: str, out_dir: str | Path, checkpoint_fo
                 "method": qc["method"], "modules": modules}
         cfg = mark_config(cfg)
     elif fmt == "gptq":
+        # "format" is GPTQModel's key, "checkpoint_format" the legacy one vLLM and SGLang read: both
         qcfg = {"quant_method": "gptq", "bits": bits, "group_size": gs or -1, "desc_act": False, "sym": sym,
                 "true_sequential": bool(qc.get("true_sequential", True)), "checkpoint_format": checkpoint_format,
+                "format": checkpoint_format, "pack_dtype": "int32",
                 "meta": {"quantizer": [f"lowmem_boa:{qc['method']}"]}}
     else:
         qcfg = _ct_config(bits, gs, sym, adapter)
