@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .kquant import QK_K, ktype, superblock_grid
 from .optq import optq_sweep
 from .prepare import finalize, group_params_fn, prepare
 from .refine import refine_result
@@ -26,12 +27,19 @@ def validate_gptq_args(W, H_col, bits, sym, grid, group_size, block_size, percda
 def gptq_quantize(W: torch.Tensor, H_col: torch.Tensor, bits: int, sym: bool = False,
                   grid: str = "hessian", group_size: int | None = None, act_order: bool = False,
                   block_size: int = 128, percdamp: float = 0.01, overwrite_hessians: bool = False,
-                  refine_sweeps: int = 0, **grid_kwargs) -> QuantResult:
+                  refine_sweeps: int = 0, kquant: str | None = None, **grid_kwargs) -> QuantResult:
     """GPTQ with lazy block updates; returns codes and grids too (see :class:`QuantResult`).
 
     ``overwrite_hessians=True``: ``H_col`` may be modified in place (saves a copy).
     ``refine_sweeps > 0``: the scales are refined once the codes are fixed (``solvers.refine``;
-    the rows are independent, so one sweep is the optimum)."""
+    the rows are independent, so one sweep is the optimum).
+    ``kquant`` (``"q2_k"`` ... ``"q6_k"``): quantize onto llama.cpp's k-quant grid instead
+    (:func:`gptq_kquant`; ``bits``, ``sym``, ``grid`` and ``group_size`` are the type's)."""
+    if kquant is not None:
+        if act_order or group_size is not None or refine_sweeps:
+            raise ValueError("k-quant grids take no act-order, --group-size or scale refinement: the type fixes "
+                             "the super-blocks and their stored scales")
+        return gptq_kquant(W, H_col, kquant, block_size, percdamp, overwrite_hessians)
     W, bits, sym, grid, group_size, block_size, percdamp = validate_gptq_args(
         W, H_col, bits, sym, grid, group_size, block_size, percdamp)
     dtype = compute_dtype(W, H_col)
@@ -44,6 +52,41 @@ def gptq_quantize(W: torch.Tensor, H_col: torch.Tensor, bits: int, sym: bool = F
     row_zero = res.group_zero if prep.dynamic_groups else prep.row_zero
     out = finalize(prep, res.Q, res.codes, row_scale, row_zero, W, bits, sym, "gptq")
     return refine_result(prep, out, W, refine_sweeps)
+
+
+def gptq_kquant(W: torch.Tensor, H_col: torch.Tensor, kquant: str, block_size: int = 128, percdamp: float = 0.01,
+                overwrite_hessians: bool = False) -> QuantResult:
+    """GPTQ onto a k-quant grid (``solvers.kquant``): when the sweep reaches a 256-column super-block
+    its sub-block scales and minimums are searched on the weights as updated so far (weighted by
+    ``diag(H_col)``, the importance llama.cpp's imatrix measures), rounded to the integers and float16
+    super-scales the format stores, and the super-block's columns are then solved on exactly that grid.
+    ``result.kquant`` holds the stored fields for the GGUF writer."""
+    kt = ktype(kquant)
+    W, _, _, _, _, block_size, percdamp = validate_gptq_args(W, H_col, kt.bits, not kt.offset, "minmax", None,
+                                                             block_size, percdamp)
+    R, C = W.shape
+    if C % QK_K:
+        raise ValueError(f"{kt.name} needs the input size to be a multiple of {QK_K}, got {C}")
+    dtype = compute_dtype(W, H_col)
+    imp = torch.diagonal(H_col).to(dtype=dtype, copy=True)      # before prepare may damp H_col in place
+    prep = prepare(W, H_col, None, 1, kt.bits, not kt.offset, "minmax", QK_K, False, False, percdamp, dtype,
+                   {}, overwrite_hessians)
+    fields = []
+
+    def params(col: int, Wg: torch.Tensor):
+        g = superblock_grid(Wg, kt, imp[col:col + QK_K])
+        fields.append(g)
+        return g.scale.to(Wg.dtype), g.zero.to(Wg.dtype)
+
+    res = optq_sweep(prep.W3, prep.U_col, prep.maxq, block_size, None, None, QK_K, params, offset=kt.offset)
+    sub = lambda t: t.reshape(R, C // kt.sub, kt.sub)[..., 0].float().contiguous()  # noqa: E731
+    cat = lambda k: torch.cat([getattr(g, k).reshape(R, -1) for g in fields], dim=-1)  # noqa: E731
+    out = QuantResult(Q=res.Q.reshape(R, C).to(W.dtype), codes=res.codes.reshape(R, C).to(torch.uint8),
+                      scale=sub(res.group_scale), zero=sub(res.group_zero), bits=kt.bits, sym=not kt.offset,
+                      group_size=kt.sub, method="gptq", info=prep.info)
+    out.kquant = {"type": kt.name, "sc": cat("sc").to(torch.int16), "d": cat("d"),
+                  "m": cat("m").to(torch.int16) if kt.offset else None, "dmin": cat("dmin") if kt.offset else None}
+    return out
 
 
 def gptq(W: torch.Tensor, H_col: torch.Tensor, bits: int, sym: bool = False, grid: str = "hessian",

@@ -50,7 +50,17 @@ class SweepResult:
     group_zero: torch.Tensor | None = None
 
 
-def _inner_torch(W1, U1, d1, S1, Z1, start: int, stop: int, maxq: int) -> None:
+def _codes(w, s, z, maxq: int, offset: bool):
+    """Integer-zero grids ``s (clamp(round(w / s) + z) - z)``; offset grids (llama.cpp's asymmetric
+    k-quants) ``s clamp(round((w + z) / s)) - z`` with ``z`` the real offset ``m``."""
+    return torch.clamp(torch.round((w + z) / s), 0, maxq) if offset else quantize_codes(w, s, z, maxq)
+
+
+def _dequant(c, s, z, offset: bool):
+    return s * c - z if offset else dequantize_codes(c, s, z)
+
+
+def _inner_torch(W1, U1, d1, S1, Z1, start: int, stop: int, maxq: int, offset: bool = False) -> None:
     """Columns ``start..stop-1`` of one block: quantize each and update the later columns.
 
     ``S1``/``Z1`` are the block's grids, ``(B, R, n)`` or ``(B, R, 1)``.
@@ -59,12 +69,12 @@ def _inner_torch(W1, U1, d1, S1, Z1, start: int, stop: int, maxq: int) -> None:
     for i in range(start, stop):
         s, z = (S1[..., 0], Z1[..., 0]) if one else (S1[..., i], Z1[..., i])
         w = W1[..., i]
-        q = dequantize_codes(quantize_codes(w, s, z, maxq), s, z)
+        q = _dequant(_codes(w, s, z, maxq, offset), s, z, offset)
         e = (w - q) / d1[..., i]
         W1[..., i + 1:].addcmul_(e.unsqueeze(-1), U1[..., i:i + 1, i + 1:], value=-1)
 
 
-def _inner_numpy(W1, U1, d1, S1, Z1, start: int, stop: int, maxq: int) -> None:
+def _inner_numpy(W1, U1, d1, S1, Z1, start: int, stop: int, maxq: int, offset: bool = False) -> None:
     """Same arithmetic as :func:`_inner_torch` on CPU through numpy views of the tensors.
 
     Per-op overhead on tiny vectors is ~0.5 us in numpy against ~3 us in torch; BoA runs
@@ -79,13 +89,22 @@ def _inner_numpy(W1, U1, d1, S1, Z1, start: int, stop: int, maxq: int) -> None:
         if not one:
             s, z = Sn[..., i], Zn[..., i]
         w = Wn[..., i]
-        t = div(w, s)                  # quantize: clamp(round(w / s) + z, 0, maxq)
-        rint(t, out=t)
-        t += z
-        maximum(t, 0, out=t)
-        minimum(t, maxq, out=t)
-        t -= z                         # de-quantize: s * (code - z)
-        mul(t, s, out=t)
+        if offset:                     # offset grid: clamp(round((w + z) / s), 0, maxq), then s * code - z
+            t = np.add(w, z)
+            div(t, s, out=t)
+            rint(t, out=t)
+            maximum(t, 0, out=t)
+            minimum(t, maxq, out=t)
+            mul(t, s, out=t)
+            t -= z
+        else:
+            t = div(w, s)              # quantize: clamp(round(w / s) + z, 0, maxq)
+            rint(t, out=t)
+            t += z
+            maximum(t, 0, out=t)
+            minimum(t, maxq, out=t)
+            t -= z                     # de-quantize: s * (code - z)
+            mul(t, s, out=t)
         sub(w, t, out=t)               # e = (w - q) / U[i, i]
         div(t, dn[..., i], out=t)
         Wn[..., i + 1:] -= t[..., None] * Un[..., i:i + 1, i + 1:]
@@ -110,15 +129,17 @@ GroupParamsFn = Callable[[int, torch.Tensor], "tuple[torch.Tensor, torch.Tensor]
 def optq_sweep(W: torch.Tensor, U: torch.Tensor, maxq: int, block_size: int = 128,
                scale: torch.Tensor | None = None, zero: torch.Tensor | None = None,
                group_size: int | None = None, group_params: GroupParamsFn | None = None,
-               backend: str | None = None) -> SweepResult:
+               backend: str | None = None, offset: bool = False) -> SweepResult:
     """Quantize ``W`` (``(B, R, C)``, modified in place) column by column in blocks.
 
     ``U`` is ``(B, C, C)`` or ``(1, C, C)``, upper triangular with ``U^T U = H^{-1}`` in the
     processing order of the columns. The grid is either given per column (``scale``/``zero``
     of shape ``(B, R, C)``, or ``(B, R, 1)`` for one grid per row), or computed for each
     group of ``group_size`` columns when the sweep reaches its first column, by
-    ``group_params(col, W_group) -> (scale, zero)`` each ``(B, R, 1)`` (dynamic groups).
+    ``group_params(col, W_group) -> (scale, zero)`` each ``(B, R, 1)``, or ``(B, R, group_size)``
+    for a grid per column of the group (llama.cpp's k-quant super-blocks; dynamic groups).
     ``backend`` selects the per-column loop: ``"numpy"`` (default on CPU) or ``"torch"``.
+    ``offset``: ``zero`` is a real offset (``w = s q - zero``, ``solvers.kquant``), not a zero-point.
     """
     B, R, C = W.shape
     dynamic = group_params is not None
@@ -153,6 +174,7 @@ def optq_sweep(W: torch.Tensor, U: torch.Tensor, maxq: int, block_size: int = 12
             while pos < i2:
                 seg_end = min((pos // group_size + 1) * group_size, i2)
                 if pos % group_size == 0:
+                    g0 = pos
                     end = min(pos + group_size, C)
                     # inside the block the up-to-date values are in W1; a group that runs
                     # past the block starts at the block start, where W has every lazy update
@@ -160,18 +182,22 @@ def optq_sweep(W: torch.Tensor, U: torch.Tensor, maxq: int, block_size: int = 12
                     s_cur, z_cur = group_params(pos, src)
                     g_scales.append(s_cur)
                     g_zeros.append(z_cur)
-                S1[..., pos - i1:seg_end - i1] = s_cur
-                Z1[..., pos - i1:seg_end - i1] = z_cur
-                inner(W1, U1, d1, S1, Z1, pos - i1, min(seg_end - i1, n - 1), maxq)
+                if s_cur.shape[-1] == 1:
+                    S1[..., pos - i1:seg_end - i1] = s_cur
+                    Z1[..., pos - i1:seg_end - i1] = z_cur
+                else:   # a grid per column of the group
+                    S1[..., pos - i1:seg_end - i1] = s_cur[..., pos - g0:seg_end - g0]
+                    Z1[..., pos - i1:seg_end - i1] = z_cur[..., pos - g0:seg_end - g0]
+                inner(W1, U1, d1, S1, Z1, pos - i1, min(seg_end - i1, n - 1), maxq, offset)
                 pos = seg_end
         else:
-            inner(W1, U1, d1, S1, Z1, 0, n - 1, maxq)  # the last column updates nothing
+            inner(W1, U1, d1, S1, Z1, 0, n - 1, maxq, offset)  # the last column updates nothing
         # Column i of W1 was last changed before column i was quantized, so W1 now holds the
         # value every column had when it was quantized: codes, Q and errors follow
         # element-wise with exactly the arithmetic of the loop.
         s_blk, z_blk = (S1[..., :n], Z1[..., :n]) if (dynamic or per_column) else (S1, Z1)
-        c1 = quantize_codes(W1, s_blk, z_blk, maxq)
-        q1 = dequantize_codes(c1, s_blk, z_blk)
+        c1 = _codes(W1, s_blk, z_blk, maxq, offset)
+        q1 = _dequant(c1, s_blk, z_blk, offset)
         codes[..., i1:i2] = c1
         Q[..., i1:i2] = q1
         E1 = (W1 - q1) / d1

@@ -29,6 +29,10 @@ class QuantResult:
     group_size: int | None
     method: str
     info: dict = field(default_factory=dict)
+    # llama.cpp k-quant grids (solvers.kquant): {"type", "sc", "m", "d", "dmin"} -- the stored fields;
+    # ``scale``/``zero`` are then per sub-block (``group_size`` = its columns) and, for the
+    # asymmetric types, ``zero`` is the real offset m of ``w = s q - m``
+    kquant: dict | None = None
 
     @property
     def g_idx(self) -> torch.Tensor:
@@ -37,5 +41,11 @@ class QuantResult:
         return torch.arange(C, device=self.codes.device, dtype=torch.int32) // gs
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        if self.kquant is not None:
+            from .kquant import dequantize as kdequant, ktype
+            kt = ktype(self.kquant["type"])
+            s = self.scale.repeat_interleave(kt.sub, dim=-1)
+            z = self.zero.repeat_interleave(kt.sub, dim=-1)
+            return kdequant(self.codes.float(), s, z, kt).to(self.Q.dtype if dtype is None else dtype)
         return dequantize(self.codes, self.scale, self.zero, self.group_size,
                           dtype=self.Q.dtype if dtype is None else dtype)

@@ -1,0 +1,154 @@
+"""llama.cpp's k-quant grids (GGUF Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) as solver grids (pure tensors).
+
+A k-quant super-block covers 256 consecutive input columns of one row; its sub-blocks (16 or 32
+columns) each have a scale and, for the asymmetric types, a minimum, themselves stored as small
+integers times one float16 super-scale ``d`` (and ``dmin``):
+
+* asymmetric (Q2_K: 2-bit codes, sub-blocks of 16, 4-bit sc and m; Q4_K / Q5_K: 4 / 5-bit codes,
+  sub-blocks of 32, 6-bit sc and m): ``w = (d·sc_j)·q − (dmin·m_j)``, ``q = clamp(rint((x + dmin·m_j) /
+  (d·sc_j)), 0, 2^b − 1)`` — an *offset* grid, not an integer zero-point;
+* symmetric (Q3_K: 3-bit, sub-blocks of 16, 6-bit signed sc − 32; Q6_K: 6-bit, sub-blocks of 16,
+  int8 sc): ``w = (d·sc_j)·(q − z)`` with ``z = 4`` / ``32``, the integer-zero grid of ``solvers.grid``.
+
+``superblock_grid`` chooses one super-block's grid from the weights it is about to quantize (the
+solver calls it when its column sweep reaches the super-block, on the weights as updated so far)
+and rounds it to what the format stores, so the solver quantizes onto exactly the grid the file
+will hold; ``export.gguf_quants.pack_superblocks`` writes the GGUF bytes, whose dequantization by
+llama.cpp's reference (the ``gguf`` package) reproduces ``dequantize`` here bit for bit
+(tests/test_kquant.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+QK_K = 256
+
+
+@dataclass(frozen=True)
+class KType:
+    name: str
+    bits: int
+    sub: int              # columns per sub-block
+    sc_max: int           # largest stored sub-scale (asymmetric: 0..sc_max; symmetric: -sc_max-1..sc_max)
+    offset: bool          # asymmetric (w = s q - m) or symmetric (w = s (q - zero))
+    zero: int = 0         # symmetric types' fixed zero point
+    type_size: int = 0    # bytes per super-block
+
+
+KTYPES = {
+    "q2_k": KType("q2_k", 2, 16, 15, True, type_size=84),
+    "q3_k": KType("q3_k", 3, 16, 31, False, zero=4, type_size=110),
+    "q4_k": KType("q4_k", 4, 32, 63, True, type_size=144),
+    "q5_k": KType("q5_k", 5, 32, 63, True, type_size=176),
+    "q6_k": KType("q6_k", 6, 16, 127, False, zero=32, type_size=210),
+}
+SHRINK = torch.linspace(1.0, 0.7, 13)   # range fractions tried per sub-block
+
+
+def ktype(name: str) -> KType:
+    try:
+        return KTYPES[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown k-quant type {name!r}; choose from {', '.join(KTYPES)}") from None
+
+
+@dataclass
+class KGrid:
+    """One super-block's grid for every row: per-column ``scale`` and ``zero`` (the offset ``m`` for
+    asymmetric types, the integer zero for symmetric ones), each ``(..., 256)`` float32, and the
+    stored fields: ``sc`` / ``m`` integer sub-scales / minimums ``(..., n_sub)``, ``d`` / ``dmin``
+    float16 ``(...)``."""
+    scale: torch.Tensor
+    zero: torch.Tensor
+    sc: torch.Tensor
+    m: torch.Tensor | None
+    d: torch.Tensor
+    dmin: torch.Tensor | None
+
+
+def _f16(x: torch.Tensor) -> torch.Tensor:
+    """float32 -> float16 -> float32, never exactly 0 (a zero super-scale would divide by zero)."""
+    y = x.to(torch.float16)
+    y = torch.where(y == 0, torch.full_like(y, 2.0 ** -24), y)
+    return y.float()
+
+
+def _sub_search(x: torch.Tensor, kt: KType, imp: torch.Tensor):
+    """Per sub-block (``x``: ``(..., n_sub, sub)``), the float scale (and minimum) with the least
+    importance-weighted squared error over a few shrunk ranges."""
+    maxq = 2 ** kt.bits - 1
+    best_err = best_s = best_m = None
+    for p in SHRINK.tolist():
+        if kt.offset:
+            lo = torch.clamp(x.amin(-1), max=0) * p
+            hi = torch.clamp(x.amax(-1), min=0) * p
+            s = (hi - lo) / maxq
+            s = torch.where(s > 0, s, torch.ones_like(s))
+            m = -lo
+            q = torch.clamp(torch.round((x + m[..., None]) / s[..., None]), 0, maxq)
+            err = (imp * (s[..., None] * q - m[..., None] - x) ** 2).sum(-1)
+        else:   # the largest magnitude maps to the extra negative level -zero
+            big = torch.gather(x, -1, x.abs().argmax(-1, keepdim=True))[..., 0] * p
+            s = -big / kt.zero
+            s = torch.where(s != 0, s, torch.ones_like(s))
+            m = None
+            q = torch.clamp(torch.round(x / s[..., None]) + kt.zero, 0, maxq)
+            err = (imp * (s[..., None] * (q - kt.zero) - x) ** 2).sum(-1)
+        if best_err is None:
+            best_err, best_s, best_m = err, s, m
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_s = torch.where(better, s, best_s)
+            if m is not None:
+                best_m = torch.where(better, m, best_m)
+    return best_s, best_m
+
+
+def superblock_grid(x: torch.Tensor, kt: KType | str, importance: torch.Tensor | None = None) -> KGrid:
+    """The grid of one super-block (``x``: ``(..., 256)``), rounded to the format: sub-scales and
+    minimums to their integers times float16 ``d`` / ``dmin``. ``importance`` (``(256,)`` or like
+    ``x``, e.g. ``diag(H_col)``) weights the columns in the per-sub-block search."""
+    kt = ktype(kt) if isinstance(kt, str) else kt
+    if x.shape[-1] != QK_K:
+        raise ValueError(f"a k-quant super-block has {QK_K} columns, got {x.shape[-1]}")
+    x = x.float()
+    n_sub = QK_K // kt.sub
+    xs = x.reshape(*x.shape[:-1], n_sub, kt.sub)
+    imp = torch.ones_like(xs) if importance is None else \
+        importance.float().expand_as(x).reshape(xs.shape).clamp_min(0)
+    s, m = _sub_search(xs, kt, imp)
+    if kt.offset:
+        d = _f16(s.amax(-1) / kt.sc_max)
+        sc = torch.clamp(torch.round(s / d[..., None]), 1, kt.sc_max)
+        mmax = m.amax(-1)
+        dmin = _f16(torch.where(mmax > 0, mmax / kt.sc_max, torch.ones_like(mmax)))
+        mi = torch.clamp(torch.round(m / dmin[..., None]), 0, kt.sc_max)
+        scale = d[..., None] * sc          # float32 products, as llama.cpp's dequantization forms them
+        zero = dmin[..., None] * mi
+    else:
+        d = _f16(s.abs().amax(-1) / kt.sc_max)
+        sc = torch.clamp(torch.round(s / d[..., None]), -kt.sc_max - 1, kt.sc_max)
+        sc = torch.where(sc == 0, torch.sign(s) + (s == 0), sc)    # never a zero scale
+        mi, dmin = None, None
+        scale = d[..., None] * sc
+        zero = torch.full_like(scale, float(kt.zero))
+    rep = lambda t: t.repeat_interleave(kt.sub, dim=-1)  # noqa: E731
+    return KGrid(scale=rep(scale), zero=rep(zero), sc=sc, m=mi, d=d.to(torch.float16),
+                 dmin=None if dmin is None else dmin.to(torch.float16))
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, kt: KType) -> torch.Tensor:
+    """Codes (as floats) on a k-quant grid, exactly as llama.cpp's quantizer rounds."""
+    maxq = 2 ** kt.bits - 1
+    if kt.offset:
+        return torch.clamp(torch.round((x + zero) / scale), 0, maxq)
+    return torch.clamp(torch.round(x / scale) + zero, 0, maxq)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, kt: KType) -> torch.Tensor:
+    """``s q − m`` (asymmetric) or ``s (q − z)`` (symmetric), in llama.cpp's float32 arithmetic."""
+    return scale * codes - zero if kt.offset else scale * (codes - zero)

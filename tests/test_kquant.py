@@ -1,0 +1,117 @@
+"""llama.cpp k-quant grids as solver grids (``solvers.kquant``) and GPTQ onto them: the GGUF bytes we
+pack dequantize (with the ``gguf`` package, llama.cpp's reference in Python) to exactly the weights
+the solver produced, the stored fields stay in the format's ranges, and the error compensation
+helps against rounding onto the same grids."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from lowmem_boa.export.gguf_quants import pack_superblocks
+from lowmem_boa.solvers import gptq_quantize
+from lowmem_boa.solvers import optq as optq_mod
+from lowmem_boa.solvers.kquant import KTYPES, dequantize, quantize, superblock_grid
+
+TYPES = list(KTYPES)
+
+
+def _weights(R=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(R, 256, generator=g) * 0.02
+    x[1, :32] = 0                       # a zero sub-block
+    x[2] = x[2].abs()                   # all positive: no minimum needed
+    x[3] = -x[3].abs()                  # all negative
+    x[4] = 0                            # a zero super-block
+    x[5, 7] = 0.5                       # one outlier
+    return x
+
+
+def _file_weights(codes, k, kt_name, shape):
+    nb = codes.numel() // 256
+    b = pack_superblocks(codes.reshape(nb, 256), k["sc"].reshape(nb, -1),
+                         None if k["m"] is None else k["m"].reshape(nb, -1), k["d"].reshape(nb),
+                         None if k["dmin"] is None else k["dmin"].reshape(nb), kt_name)
+    qt = getattr(gguf.GGMLQuantizationType, kt_name.upper())
+    assert b.shape[1] == gguf.GGML_QUANT_SIZES[qt][1]
+    return torch.from_numpy(gguf.quants.dequantize(b.reshape(-1), qt).reshape(shape))
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_superblock_grid_packs_to_exactly_our_weights(name):
+    kt = KTYPES[name]
+    x = _weights()
+    g = superblock_grid(x, kt)
+    codes = quantize(x, g.scale, g.zero, kt)
+    w = dequantize(codes, g.scale, g.zero, kt)
+    assert torch.isfinite(w).all()
+    assert int(codes.min()) >= 0 and int(codes.max()) <= 2 ** kt.bits - 1
+    k = {"sc": g.sc, "m": g.m, "d": g.d, "dmin": g.dmin}
+    assert torch.equal(_file_weights(codes, k, name, x.shape), w)
+    if kt.offset:
+        assert int(g.sc.min()) >= 1 and int(g.sc.max()) <= kt.sc_max
+        assert int(g.m.min()) >= 0 and int(g.m.max()) <= kt.sc_max
+    else:
+        assert int(g.sc.min()) >= -kt.sc_max - 1 and int(g.sc.max()) <= kt.sc_max and bool((g.sc != 0).all())
+    assert torch.equal(w[4], torch.zeros(256))                   # zeros stay zeros
+    rel = float(((w - x) ** 2).sum() / (x ** 2).sum())
+    assert rel < {2: 0.35, 3: 0.12, 4: 0.03, 5: 0.01, 6: 0.003}[kt.bits], rel
+
+
+def _problem(C=512, R=8, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(C, 3 * C, generator=g) * torch.linspace(0.2, 2, C)[:, None]
+    X[: C // 2] += 0.5 * X[C // 2:]                               # correlated columns
+    return torch.randn(R, C, generator=g) * 0.05, X @ X.T / X.shape[1]
+
+
+def _loss(W, Q, H):
+    D = (Q - W).double()
+    return float(torch.einsum("rc,cd,rd->", D, H.double(), D))
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_gptq_on_a_kquant_grid_writes_its_own_weights_and_beats_rounding(name):
+    W, H = _problem()
+    res = gptq_quantize(W, H, 0, kquant=name)
+    assert torch.equal(_file_weights(res.codes, res.kquant, name, W.shape), res.Q)
+    assert torch.equal(res.dequantize(), res.Q)
+    # rounding onto the grid with the same importance (no compensation): GPTQ on diag(H)
+    rtn = gptq_quantize(W, torch.diag(torch.diagonal(H)), 0, kquant=name)
+    assert _loss(W, res.Q, H) < _loss(W, rtn.Q, H)
+
+
+@pytest.mark.parametrize("name", ["q2_k", "q3_k", "q4_k"])
+def test_identity_hessian_is_plain_rounding_onto_the_grid_of_the_weights(name):
+    """With H = I nothing is compensated: every super-block's grid is searched on the untouched
+    weights and the result is exactly rounding onto it."""
+    kt = KTYPES[name]
+    W, _ = _problem(seed=3)
+    res = gptq_quantize(W, torch.eye(W.shape[1]), 0, kquant=name, percdamp=0.0)
+    for b in range(W.shape[1] // 256):
+        x = W[:, 256 * b:256 * (b + 1)]
+        g = superblock_grid(x, kt, torch.ones(256))
+        assert torch.equal(res.Q[:, 256 * b:256 * (b + 1)], dequantize(quantize(x, g.scale, g.zero, kt), g.scale,
+                                                                       g.zero, kt))
+
+
+@pytest.mark.parametrize("name", ["q2_k", "q6_k"])
+def test_numpy_and_torch_sweeps_agree_on_offset_and_zero_point_grids(name, monkeypatch):
+    W, H = _problem(seed=4)
+    a = gptq_quantize(W, H, 0, kquant=name)
+    monkeypatch.setattr(optq_mod, "DEFAULT_BACKEND", "torch")
+    b = gptq_quantize(W, H, 0, kquant=name)
+    assert torch.equal(a.Q, b.Q) and torch.equal(a.codes, b.codes)
+
+
+def test_kquant_refuses_what_it_cannot_do():
+    W, H = _problem(C=512)
+    with pytest.raises(ValueError, match="multiple of 256"):
+        gptq_quantize(W[:, :320], H[:320, :320], 0, kquant="q4_k")
+    with pytest.raises(ValueError, match="act-order"):
+        gptq_quantize(W, H, 0, kquant="q4_k", act_order=True)
+    with pytest.raises(ValueError, match="unknown k-quant type"):
+        gptq_quantize(W, H, 0, kquant="q7_k")
+    assert np.isfinite(gptq_quantize(torch.zeros(2, 256), torch.eye(256), 0, kquant="q2_k").Q.numpy()).all()
