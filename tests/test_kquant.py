@@ -115,3 +115,27 @@ def test_kquant_refuses_what_it_cannot_do():
     with pytest.raises(ValueError, match="unknown k-quant type"):
         gptq_quantize(W, H, 0, kquant="q7_k")
     assert np.isfinite(gptq_quantize(torch.zeros(2, 256), torch.eye(256), 0, kquant="q2_k").Q.numpy()).all()
+
+
+def _kron_loss(W, Q, H_col, H_row, n_heads):
+    """BoA's objective: sum_h tr(dW_h H_col dW_h^T H_row,h) (one shared H_col)."""
+    D = (Q - W).double().reshape(n_heads, -1, W.shape[1])
+    return float(sum(torch.trace(D[h].T @ H_row[h].double() @ D[h] @ H_col.double()) for h in range(n_heads)))
+
+
+@pytest.mark.parametrize("name,joint", [("q2_k", 1), ("q4_k", 4), ("q3_k", 2)])
+def test_boa_on_a_kquant_grid_writes_its_own_weights_and_beats_gptq_on_its_objective(name, joint):
+    from lowmem_boa.solvers import boa_quantize
+    W, H = _problem(R=16, seed=5)
+    g = torch.Generator().manual_seed(6)
+    n_heads, dh = 2, 8
+    A = torch.randn(n_heads, dh, 3 * dh, generator=g)
+    H_row = A @ A.transpose(1, 2) / (3 * dh) + 0.5 * torch.ones(n_heads, dh, dh)   # strongly coupled rows
+    res = boa_quantize(W, H, H_row, n_heads, 0, kquant=name, joint_rows=joint)
+    assert torch.equal(_file_weights(res.codes, res.kquant, name, W.shape), res.Q)
+    assert torch.equal(res.dequantize(), res.Q)
+    gq = gptq_quantize(W, H, 0, kquant=name)
+    assert _kron_loss(W, res.Q, H, H_row, n_heads) < _kron_loss(W, gq.Q, H, H_row, n_heads)
+    # the rows' order is the caller's: with row act-order the fields follow their rows
+    ro = boa_quantize(W, H, H_row, n_heads, 0, kquant=name, joint_rows=joint, act_order_row=True)
+    assert torch.equal(_file_weights(ro.codes, ro.kquant, name, W.shape), ro.Q)

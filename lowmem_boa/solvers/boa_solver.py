@@ -27,7 +27,9 @@ import torch
 from .grid import expand_params, find_params
 from .hessian import gather_last, inverse_perm
 from .optq import optq_sweep
-from .prepare import Prepared, finalize, group_params_fn, prepare
+from .kquant import QK_K, ktype
+from .prepare import (Prepared, finalize, group_params_fn, kquant_fields, kquant_group_params, kquant_result,
+                      prepare)
 from .refine import refine_result
 from .result import QuantResult
 from .validation import (check_bits, check_col_hessian, check_grid, check_group_size, check_heads,
@@ -95,7 +97,8 @@ def boa_quantize(W: torch.Tensor, H_col: torch.Tensor, H_row: torch.Tensor, n_he
                  sym: bool = False, grid: str = "hessian", act_order_col: bool = False,
                  act_order_row: bool = False, percdamp: float = 0.01, group_size: int | None = None,
                  block_size: int = 128, overwrite_hessians: bool = False, follow_grids: bool = False,
-                 refine_sweeps: int = 0, joint_rows: int = 1, **grid_kwargs) -> QuantResult:
+                 refine_sweeps: int = 0, joint_rows: int = 1, kquant: str | None = None,
+                 **grid_kwargs) -> QuantResult:
     """BoA on one projection; returns codes and grids too (see :class:`QuantResult`).
 
     ``W`` is ``(n_heads * head_dim, d_col)`` with head ``h`` owning rows
@@ -111,15 +114,32 @@ def boa_quantize(W: torch.Tensor, H_col: torch.Tensor, H_row: torch.Tensor, n_he
     ``joint_rows=N``: the rows of each head are quantized N at a time (each swept over the columns
     on its own, as GPTQ sweeps rows) and the rows after them get the closed-form update of the
     whole block (:func:`joint_row_coefficients`); ``N = 1`` is Algorithm 1 exactly.
+    ``kquant`` (``"q2_k"`` ... ``"q6_k"``): every row onto llama.cpp's k-quant grid, each super-block's
+    grid searched when the row's sweep reaches it (``solvers.kquant``; as ``gptq_kquant``).
     """
+    kt = None
+    if kquant is not None:
+        if act_order_col or group_size is not None or refine_sweeps:
+            raise ValueError("k-quant grids take no column act-order, --group-size or scale refinement: the "
+                             "type fixes the super-blocks and their stored scales")
+        kt = ktype(kquant)
+        bits, sym, grid, group_size = kt.bits, not kt.offset, "minmax", QK_K
+        if W.shape[-1] % QK_K:
+            raise ValueError(f"{kt.name} needs the input size to be a multiple of {QK_K}, got {W.shape[-1]}")
     W, n_heads, bits, sym, grid, group_size, block_size, percdamp = validate_boa_args(
         W, H_col, H_row, n_heads, bits, sym, grid, group_size, block_size, percdamp)
     joint_rows = check_positive_int("joint_rows", joint_rows)
     dtype = compute_dtype(W, H_col, H_row)
+    if kt is not None:   # diag(H_col) per head (block_v's V) or shared, before prepare damps it
+        imp = torch.diagonal(H_col, dim1=-2, dim2=-1).to(dtype=dtype, copy=True)
+        imp = imp.unsqueeze(-2) if imp.dim() == 2 else imp
     prep = prepare(W, H_col, H_row, n_heads, bits, sym, grid, group_size, bool(act_order_col),
                    bool(act_order_row), percdamp, dtype, grid_kwargs, overwrite_hessians)
     nh, dh, C = prep.W3.shape
-    gp = group_params_fn(prep, bits, sym, grid, grid_kwargs) if prep.dynamic_groups else None
+    if kt is not None:
+        gp, kgrids = kquant_group_params(kt, imp)
+    else:
+        gp = group_params_fn(prep, bits, sym, grid, grid_kwargs) if prep.dynamic_groups else None
     Q3 = torch.empty_like(prep.W3)
     codes3 = torch.empty_like(prep.W3)
     g_scale, g_zero = [], []
@@ -130,7 +150,8 @@ def boa_quantize(W: torch.Tensor, H_col: torch.Tensor, H_row: torch.Tensor, n_he
         if follow and j > 0:   # the first rows have seen no update: their up-front grids are the same
             _follow_grid(prep, j, bits, sym, grid, group_size, grid_kwargs, n)
         Wj, scale, zero = _row_views(prep, j, n)
-        res = optq_sweep(Wj, prep.U_col, prep.maxq, block_size, scale, zero, group_size, gp)
+        res = optq_sweep(Wj, prep.U_col, prep.maxq, block_size, scale, zero, group_size, gp,
+                         offset=kt is not None and kt.offset)
         Q3[:, j:j + n, :] = res.Q.reshape(nh, n, C)
         codes3[:, j:j + n, :] = res.codes.reshape(nh, n, C)
         if gp is not None:
@@ -144,6 +165,9 @@ def boa_quantize(W: torch.Tensor, H_col: torch.Tensor, H_row: torch.Tensor, n_he
             else:
                 coef = joint_row_coefficients(U_row, j, n)
             prep.W3[:, j + n:, :].baddbmm_(coef, delta, alpha=-1)
+    if kt is not None:
+        return kquant_result(kt, Q3, codes3, torch.cat(g_scale, dim=1), torch.cat(g_zero, dim=1),
+                             kquant_fields(kgrids, C // QK_K, (nh, dh)), W, prep, "boa")
     if gp is not None:
         row_scale, row_zero = torch.cat(g_scale, dim=1), torch.cat(g_zero, dim=1)
     else:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from .kquant import QK_K, ktype, superblock_grid
+from .kquant import QK_K, ktype
 from .optq import optq_sweep
-from .prepare import finalize, group_params_fn, prepare
+from .prepare import finalize, group_params_fn, kquant_fields, kquant_group_params, kquant_result, prepare
 from .refine import refine_result
 from .result import QuantResult
 from .validation import (check_bits, check_col_hessian, check_grid, check_group_size, check_percdamp,
@@ -71,22 +71,10 @@ def gptq_kquant(W: torch.Tensor, H_col: torch.Tensor, kquant: str, block_size: i
     imp = torch.diagonal(H_col).to(dtype=dtype, copy=True)      # before prepare may damp H_col in place
     prep = prepare(W, H_col, None, 1, kt.bits, not kt.offset, "minmax", QK_K, False, False, percdamp, dtype,
                    {}, overwrite_hessians)
-    fields = []
-
-    def params(col: int, Wg: torch.Tensor):
-        g = superblock_grid(Wg, kt, imp[col:col + QK_K])
-        fields.append(g)
-        return g.scale.to(Wg.dtype), g.zero.to(Wg.dtype)
-
+    params, grids = kquant_group_params(kt, imp)
     res = optq_sweep(prep.W3, prep.U_col, prep.maxq, block_size, None, None, QK_K, params, offset=kt.offset)
-    sub = lambda t: t.reshape(R, C // kt.sub, kt.sub)[..., 0].float().contiguous()  # noqa: E731
-    cat = lambda k: torch.cat([getattr(g, k).reshape(R, -1) for g in fields], dim=-1)  # noqa: E731
-    out = QuantResult(Q=res.Q.reshape(R, C).to(W.dtype), codes=res.codes.reshape(R, C).to(torch.uint8),
-                      scale=sub(res.group_scale), zero=sub(res.group_zero), bits=kt.bits, sym=not kt.offset,
-                      group_size=kt.sub, method="gptq", info=prep.info)
-    out.kquant = {"type": kt.name, "sc": cat("sc").to(torch.int16), "d": cat("d"),
-                  "m": cat("m").to(torch.int16) if kt.offset else None, "dmin": cat("dmin") if kt.offset else None}
-    return out
+    return kquant_result(kt, res.Q, res.codes, res.group_scale, res.group_zero,
+                         kquant_fields(grids, C // QK_K, (1, R)), W, prep, "gptq")
 
 
 def gptq(W: torch.Tensor, H_col: torch.Tensor, bits: int, sym: bool = False, grid: str = "hessian",

@@ -134,6 +134,58 @@ def group_params_fn(prep: Prepared, bits: int, sym: bool, grid: str, grid_kwargs
     return fn
 
 
+def kquant_group_params(kt, importance: torch.Tensor):
+    """Dynamic-group callback for llama.cpp's k-quant super-blocks (``solvers.kquant``): each grid is
+    searched on the super-block's current weights, weighted by ``importance`` (``diag(H_col)``,
+    ``(..., C)`` broadcasting against the swept rows), and rounded to what the format stores.
+    Returns ``(fn, grids)``; ``grids`` collects every call's :class:`kquant.KGrid` in call order."""
+    from .kquant import QK_K, superblock_grid
+    grids = []
+
+    def fn(col: int, Wg: torch.Tensor):
+        g = superblock_grid(Wg, kt, importance[..., col:col + QK_K])
+        grids.append(g)
+        return g.scale.to(Wg.dtype), g.zero.to(Wg.dtype)
+
+    return fn, grids
+
+
+def kquant_fields(grids: list, calls_per_sweep: int, rows: tuple) -> dict:
+    """The stored fields of every sweep's super-blocks, ``(*rows, n)`` each: ``grids`` is the callback's
+    list (``calls_per_sweep`` super-blocks per sweep, sweeps in row order, ``rows`` = ``(nh, dh)``)."""
+    out = {}
+    for k in ("sc", "m", "d", "dmin"):
+        if getattr(grids[0], k) is None:
+            out[k] = None
+            continue
+        sweeps = [torch.cat([getattr(g, k).reshape(*g.scale.shape[:-1], -1)
+                             for g in grids[i:i + calls_per_sweep]], dim=-1)
+                  for i in range(0, len(grids), calls_per_sweep)]
+        out[k] = torch.cat([t.reshape(rows[0], -1, t.shape[-1]) for t in sweeps], dim=1)
+    return out
+
+
+def kquant_result(kt, Q3, codes3, scale3, zero3, fields: dict, W: torch.Tensor, prep, method: str) -> QuantResult:
+    """A :class:`QuantResult` on a k-quant grid: per-sub-block ``scale``/``zero`` (the offset ``m`` for
+    the asymmetric types) and ``kquant``, the stored fields, all in the rows' original order."""
+    R, C = W.shape
+    perm = None if prep.perm_row is None else inverse_perm(prep.perm_row)
+
+    def rows(t):   # (nh, dh, K) in processing order -> (R, K) in the original row order
+        t = t.reshape(*prep.W3.shape[:2], -1)
+        return (t if perm is None else gather_rows(t, perm)).reshape(R, -1)
+
+    sub = lambda t: rows(t)[:, ::kt.sub].float().contiguous()  # noqa: E731   (per column -> per sub-block)
+    out = QuantResult(Q=rows(Q3).to(W.dtype), codes=rows(codes3).to(torch.uint8), scale=sub(scale3),
+                      zero=sub(zero3), bits=kt.bits, sym=not kt.offset, group_size=kt.sub, method=method,
+                      info=prep.info)
+    out.kquant = {"type": kt.name, **{k: None if v is None else rows(v) for k, v in fields.items()}}
+    out.kquant["sc"] = out.kquant["sc"].to(torch.int16)
+    if out.kquant["m"] is not None:
+        out.kquant["m"] = out.kquant["m"].to(torch.int16)
+    return out
+
+
 def finalize(prep: Prepared, Q3: torch.Tensor, codes3: torch.Tensor, row_scale: torch.Tensor,
              row_zero: torch.Tensor, W: torch.Tensor, bits: int, sym: bool, method: str) -> QuantResult:
     """Undo column then row permutations and pack the result in the layout of ``W``."""
