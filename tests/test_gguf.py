@@ -105,3 +105,67 @@ def test_smollm2_f16_gguf_round_trip(tmp_path):
     assert c1["rope_parameters"]["rope_theta"] == c2["rope_parameters"]["rope_theta"] == 100000.0
     text = (REPO.parent / "shared" / "data" / "wikitext2" / "test.txt").read_text()[:20000]
     assert AutoTokenizer.from_pretrained(src)(text)["input_ids"] == AutoTokenizer.from_pretrained(back)(text)["input_ids"]
+
+
+def _llama256(path):
+    """A one-block Llama whose every linear has a multiple of 256 inputs (k-quants need it)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    from tiny_models import TOKENIZER_SRC
+    import shutil
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=8192, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=256,
+                      rms_norm_eps=1e-5, tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=1)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.05)
+    model.save_pretrained(path)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(TOKENIZER_SRC / f, path / f)
+    return path
+
+
+@needs_shared
+@pytest.mark.parametrize("method,kq", [("gptq", "q2_k"), ("boa", "q3_k"), ("gptq", "q4_k"), ("boa", "q6_k")])
+def test_kquant_weights_in_a_gguf_file_are_the_solvers_bit_for_bit(tmp_path, method, kq):
+    """GPTQ/BoA on k-quant grids, written as GGUF blocks (q/k rows permuted with their fields): the
+    ``gguf`` reader's dequantization of the file and transformers' GGUF loader give back exactly the
+    solver's weights."""
+    import gguf
+    from lowmem_boa.export.gguf_file import KQuantTensor
+    from lowmem_boa.solvers import boa_quantize, gptq_quantize
+    model = _llama256(tmp_path / "m")
+    sd = load_file(model / "model.safetensors")
+    g = torch.Generator().manual_seed(1)
+    tensors, solved = [], {}
+    for name, t in sd.items():
+        if name.startswith("model.layers.") and t.dim() == 2:
+            C = t.shape[1]
+            X = torch.randn(C, 2 * C, generator=g)
+            H = X @ X.T / (2 * C)
+            if method == "boa":
+                heads = 4 if "q_proj" in name or "o_proj" in name else 2 if ("k_proj" in name or "v_proj" in name) else 4
+                dh = t.shape[0] // heads
+                A = torch.randn(heads, dh, dh, generator=g)
+                res = boa_quantize(t, H, A @ A.transpose(1, 2) / dh + torch.eye(dh), heads, 0, kquant=kq, joint_rows=8)
+            else:
+                res = gptq_quantize(t, H, 0, kquant=kq)
+            solved[name] = res.Q
+            tensors.append((name, KQuantTensor(res.codes, res.kquant)))
+        else:
+            tensors.append((name, t))
+    path = write_llama_gguf(model, tmp_path / "q.gguf", tensors, float_type="f32")
+    r = gguf.GGUFReader(path)
+    by_name = {x.name: x for x in r.tensors}
+    qtype = getattr(gguf.GGMLQuantizationType, kq.upper())
+    for name, Q in solved.items():
+        x = by_name[gguf_name(name)]
+        assert x.tensor_type == qtype
+        w = torch.from_numpy(gguf.quants.dequantize(x.data, x.tensor_type).copy()).reshape(Q.shape)
+        heads = 4 if "q_proj" in name else 2 if "k_proj" in name else None
+        assert torch.equal(unpermute_rows(w, heads) if heads else w, Q), name
+    back = load_file(gguf_to_hf(path, tmp_path / "back") / "model.safetensors")
+    for name, Q in solved.items():
+        assert torch.equal(back[name], Q), name

@@ -6,8 +6,9 @@ model, and the way back to a Hugging Face directory.
 llama.cpp's rotary layout (within each head, the two halves interleaved), norms in float32, the other
 tensors in float16 or float32, the tied output head omitted, the hyper-parameters llama.cpp reads
 and the tokenizer (byte-level BPE, ``tokenizer.ggml.model = gpt2``: tokens, types, merges, special
-ids, chat template). Quantized GGUF types (k-quants solved by GPTQ/BoA) are issue 18's next step;
-this is the container they go into, and the F16 file llama.cpp's own quantizer starts from.
+ids, chat template). Weights solved on a k-quant grid (``KQuantTensor``: codes and stored fields
+from ``gptq_quantize`` / ``boa_quantize`` with ``kquant=``) are written as their GGUF blocks, q/k rows
+permuted with their fields; the float16 file is also what llama.cpp's own quantizer starts from.
 
 ``gguf_to_hf`` reads a GGUF (any type the ``gguf`` package dequantizes: every k-quant included)
 back into a Hugging Face directory through transformers' GGUF loader, for ``run_eval.py``.
@@ -16,6 +17,7 @@ back into a Hugging Face directory through transformers' GGUF loader, for ``run_
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -111,9 +113,33 @@ def _tokenizer_kv(writer, model_dir: Path) -> None:
     gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=n).add_to_gguf(writer)
 
 
+@dataclass
+class KQuantTensor:
+    """A weight solved on a k-quant grid (``solvers.kquant``): ``codes`` ``(R, C)`` and the stored
+    fields of :attr:`QuantResult.kquant` (``sc``, ``m``, ``d``, ``dmin`` per row), written as GGUF blocks."""
+    codes: torch.Tensor
+    fields: dict
+
+    def permute_rows(self, n_head: int) -> "KQuantTensor":
+        f = {k: (v if v is None or k == "type" else permute_rows(v, n_head)) for k, v in self.fields.items()}
+        return KQuantTensor(permute_rows(self.codes, n_head), f)
+
+    def blocks(self) -> tuple[np.ndarray, "object"]:
+        import gguf
+        from .gguf_quants import pack_superblocks
+        f = self.fields
+        R, C = self.codes.shape
+        nb = R * C // 256
+        flat = lambda t: None if t is None else t.reshape(nb, -1)  # noqa: E731
+        raw = pack_superblocks(self.codes.reshape(nb, 256), flat(f["sc"]), flat(f["m"]), f["d"].reshape(nb),
+                               None if f["dmin"] is None else f["dmin"].reshape(nb), f["type"])
+        return raw.reshape(R, -1), getattr(gguf.GGMLQuantizationType, f["type"].upper())
+
+
 def write_llama_gguf(model_dir: str | Path, out_path: str | Path, tensors, float_type: str = "f16") -> Path:
-    """Write ``tensors`` (``(hf_name, torch.Tensor)`` pairs, e.g. a checkpoint's) of the Llama model in
-    ``model_dir`` (config and tokenizer) as a GGUF file; ``float_type`` f16 or f32 for the matrices."""
+    """Write ``tensors`` (``(hf_name, torch.Tensor or KQuantTensor)`` pairs, e.g. a checkpoint's) of the
+    Llama model in ``model_dir`` (config and tokenizer) as a GGUF file; ``float_type`` f16 or f32 for
+    the float matrices, k-quant types for :class:`KQuantTensor` weights."""
     import gguf
     model_dir, out_path = Path(model_dir), Path(out_path)
     cfg = json.loads((model_dir / "config.json").read_text())
@@ -144,11 +170,14 @@ def write_llama_gguf(model_dir: str | Path, out_path: str | Path, tensors, float
     for name, t in tensors:
         if name == "lm_head.weight" and tied:
             continue
+        heads = n_head if name.endswith("q_proj.weight") else n_kv if name.endswith("k_proj.weight") else None
+        if isinstance(t, KQuantTensor):
+            raw, qtype = (t.permute_rows(heads) if heads else t).blocks()
+            w.add_tensor(gguf_name(name), raw, raw_dtype=qtype)
+            continue
         t = t.detach().float()
-        if name.endswith("q_proj.weight"):
-            t = permute_rows(t, n_head)
-        elif name.endswith("k_proj.weight"):
-            t = permute_rows(t, n_kv)
+        if heads:
+            t = permute_rows(t, heads)
         arr = t.numpy()
         if t.dim() > 1 and float_type == "f16":
             arr = arr.astype(np.float16)

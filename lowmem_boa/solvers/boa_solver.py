@@ -129,6 +129,8 @@ def boa_quantize(W: torch.Tensor, H_col: torch.Tensor, H_row: torch.Tensor, n_he
     W, n_heads, bits, sym, grid, group_size, block_size, percdamp = validate_boa_args(
         W, H_col, H_row, n_heads, bits, sym, grid, group_size, block_size, percdamp)
     joint_rows = check_positive_int("joint_rows", joint_rows)
+    if kt is not None:
+        group_size = QK_K    # (validation reads a group as wide as the row as "per channel")
     dtype = compute_dtype(W, H_col, H_row)
     if kt is not None:   # diag(H_col) per head (block_v's V) or shared, before prepare damps it
         imp = torch.diagonal(H_col, dim1=-2, dim2=-1).to(dtype=dtype, copy=True)
