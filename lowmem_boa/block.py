@@ -59,7 +59,7 @@ class LayerReport:
 @dataclass
 class BlockOutcome:
     weights: dict                 # block state dict on the host (quantized linears de-quantized)
-    quant: dict                   # layer -> (codes, scale, zero) on the host
+    quant: dict                   # layer -> (codes, scale, zero[, k-quant fields]) on the host
     layers: list
     seconds: float
     phase_seconds: dict
@@ -299,6 +299,8 @@ class BlockQuantizer:
         common = dict(sym=qc.sym, grid=qc.qparam, group_size=qc.group_size, percdamp=qc.percdamp)
         if qc.grid_coarse > 1:
             common["coarse"] = qc.grid_coarse
+        if qc.kquant:
+            common["kquant"] = qc.kquant
         report = LayerReport(name=name, rows=r, cols=c, seconds=0.0)
         tags = []
         with self._phase(PHASE_SOLVE), self.sch.workspace(f"solver {name}", sum(ws.values())):
@@ -347,6 +349,8 @@ class BlockQuantizer:
         report.seconds = time.perf_counter() - t0
         report.info = {k: v for k, v in res.info.items() if not isinstance(v, list)}
         quant = (self.sch.to_host(res.codes), self.sch.to_host(res.scale.float()), self.sch.to_host(res.zero.float()))
+        if res.kquant is not None:   # the k-quant fields the GGUF file stores
+            quant += ({k: v if v is None or isinstance(v, str) else self.sch.to_host(v) for k, v in res.kquant.items()},)
         return report, quant
 
     # ----- the whole block --------------------------------------------------------------

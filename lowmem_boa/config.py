@@ -82,6 +82,8 @@ class QuantConfig:
                                     # None: joint_rows_for's default (16, at most a quarter of a head)
     grid_coarse: int | None = None  # MMSE/Hessian grid search: every k-th shrink factor, then around the best;
                                     # None: BOA_GRID_COARSE for BoA, 1 (the full search) for GPTQ/RTN
+    kquant: str | None = None       # llama.cpp k-quant grid (q2_k ... q6_k) for every quantized layer: GGUF export;
+                                    # sets the bit width, no scale refinement (the stored sub-scales are the grid)
     percdamp: float = 0.01
     block_size: int = 128
     calib: str = "wikitext2"
@@ -92,6 +94,13 @@ class QuantConfig:
     dtype: str = "auto"
 
     def __post_init__(self):
+        if self.kquant is not None:
+            from .solvers.kquant import KTYPES
+            kt = KTYPES.get(str(self.kquant).lower())
+            if kt is not None:
+                self.kquant = kt.name
+                self.wbits = kt.bits
+                self.refine_scales = 0
         if self.grid_coarse is None:
             self.grid_coarse = BOA_GRID_COARSE if self.method == "boa" else 1
 
@@ -132,6 +141,17 @@ class QuantConfig:
             raise ValueError("--fp-targets needs calibration solves: use --method gptq or boa")
         if self.fp_targets and self.true_sequential:
             raise ValueError("--fp-targets fits one-pass statistics; it cannot be combined with --true-sequential")
+        if self.kquant is not None:
+            from .solvers.kquant import KTYPES
+            if self.kquant not in KTYPES:
+                raise ValueError(f"--kquant must be one of {', '.join(KTYPES)}, got {self.kquant!r}")
+            clash = [flag for flag, on in (("--method rtn", self.method == "rtn"), ("--sym", self.sym),
+                                           ("--group-size", self.group_size is not None),
+                                           ("--act-order-col", self.act_order_col),
+                                           ("--search-orders", self.search_orders)) if on]
+            if clash:
+                raise ValueError(f"--kquant {self.kquant} fixes the grid (super-blocks of 256 columns, the type's "
+                                 f"sub-blocks and stored scales); it cannot be combined with {', '.join(clash)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
 
@@ -161,7 +181,7 @@ class QuantConfig:
 
 # option -> the value that reproduces the code before it existed (see QuantConfig.state_dict)
 ADDED_LATER = {"mlp_row_damp": 0.0, "fp_alpha": 1.0, "follow_grids": False, "refine_scales": 0, "joint_rows": 1,
-               "grid_coarse": 1}
+               "grid_coarse": 1, "kquant": None}
 
 
 @dataclass

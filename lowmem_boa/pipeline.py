@@ -33,6 +33,7 @@ from .models import get_adapter
 from .scheduler import (ActivationStore, CheckpointReader, Ledger, PlanInputs, Scheduler, build_skeleton,
                         fmt_bytes, load_config, make_plan, parse_size, resolve_model_dir)
 from .scheduler.planner import CPU_CHUNK_TOKENS, PHASE_PROPAGATE, Plan, PlanError
+from .solvers.kquant import KTYPES
 from .stats import mlp_row_group
 from .ui import Console
 
@@ -142,6 +143,21 @@ def prepare_run(qc: QuantConfig, ro: RunOptions, console: Console | None = None)
     bad = [f for f in ro.export if f not in EXPORT_CHOICES]
     if bad:
         raise ValueError(f"--export: unknown format(s) {', '.join(bad)}; choose from {', '.join(EXPORT_CHOICES)}")
+    if qc.kquant:
+        narrow = [n for n, (_, cols) in adapter.linear_shapes().items() if cols % 256]
+        if narrow:
+            raise ValueError(f"--kquant {qc.kquant}: k-quant super-blocks need inputs that are a multiple of 256; "
+                             f"{', '.join(narrow)} of this model {'has' if len(narrow) == 1 else 'have'} "
+                             f"{sorted({c for n, (_, c) in adapter.linear_shapes().items() if c % 256})} "
+                             "(llama.cpp stores such tensors in 32-column types, not built here yet)")
+        if any(f != "gguf" for f in ro.export):
+            raise ValueError("--kquant runs export only to gguf (their grids are llama.cpp's, not GPTQ's)")
+    if "gguf" in ro.export:
+        from .export.gguf_file import check_gguf_exportable
+        if not qc.kquant:
+            raise ValueError("--export gguf writes weights solved on llama.cpp's grids: add --kquant TYPE "
+                             "(q2_k, q3_k, q4_k, q5_k, q6_k)")
+        check_gguf_exportable(config.to_dict())
     if not ro.fake_quant and not ro.export:
         ro.export = ["packed"]
         notes.append("--no-fake-quant: writing the packed checkpoint (OUTPUT/packed) as the final form")
@@ -152,7 +168,8 @@ def prepare_run(qc: QuantConfig, ro: RunOptions, console: Console | None = None)
     budget, cpu_budget = default_budgets(device, ro)
     inputs = PlanInputs(method=qc.method, calibration=qc.uses_calibration, nsamples=qc.nsamples,
                         seqlen=qc.seqlen, dtype_bytes=torch.empty((), dtype=dtype).element_size(),
-                        block_v=qc.block_v, group_size=qc.group_size, device_type=device.type,
+                        block_v=qc.block_v, device_type=device.type,
+                        group_size=qc.group_size or (KTYPES[qc.kquant].sub if qc.kquant else None),
                         true_sequential=qc.true_sequential, search_orders=qc.search_orders,
                         fp_targets=qc.fp_targets,
                         mlp_row_group=(mlp_row_group(adapter.intermediate_size, qc.mlp_row_group)
@@ -308,7 +325,8 @@ def _run(prep: PreparedRun, console: Console) -> dict:
                     stats = {"seconds": outcome.seconds, "phase_seconds": outcome.phase_seconds,
                              "layers": layer_stats}
                     meta = {"method": qc.method, "wbits": qc.wbits, "sym": qc.sym, "group_size": qc.group_size,
-                            "qparam": qc.qparam, "layers": list(outcome.quant)}
+                            "qparam": qc.qparam, "layers": list(outcome.quant),
+                            **({"kquant": qc.kquant} if qc.kquant else {})}
                     state.save_block(i, outcome.weights, outcome.quant, meta, stats)
                     del outcome    # the block's host copy and codes: not kept through the next block
                     if store is not None and i < n_blocks - 1:

@@ -153,7 +153,7 @@ def test_export_refuses_what_is_not_a_finished_run(tmp_path):
     with pytest.raises(ExportError, match="not a finished lowmem_boa run"):
         export_run(tmp_path, "packed", tmp_path / "x")
     with pytest.raises(ExportError, match="unknown export format"):
-        export_run(tmp_path, "gguf", tmp_path / "x")
+        export_run(tmp_path, "onnx", tmp_path / "x")
 
 
 def test_run_quant_export_option_writes_loadable_checkpoints(tmp_path):
@@ -175,5 +175,5 @@ def test_run_quant_export_option_writes_loadable_checkpoints(tmp_path):
     ct = AutoModelForCausalLM.from_pretrained(out / "compressed-tensors").eval()
     assert torch.allclose(_logits(ct, ids), _logits(fake, ids), atol=1e-4, rtol=1e-4)
     assert json.loads((out / "gptq" / "config.json").read_text())["quantization_config"]["sym"] is True
-    r = subprocess.run(args[:-1] + ["gguf"], capture_output=True, text=True, cwd=REPO, timeout=600)
+    r = subprocess.run(args[:-1] + ["onnx"], capture_output=True, text=True, cwd=REPO, timeout=600)
     assert r.returncode == 2 and "unknown format" in r.stderr

@@ -67,20 +67,21 @@ def test_tiny_llama_round_trip_is_exact(tmp_path):
     assert AutoTokenizer.from_pretrained(model)(text)["input_ids"] == AutoTokenizer.from_pretrained(back)(text)["input_ids"]
 
 
+def _eval_ppl(model, json_path) -> float:
+    """run_eval.py's WikiText-2 perplexity of ``model`` (a directory or a .gguf file) on 4 windows of 64."""
+    r = subprocess.run([sys.executable, str(REPO / "run_eval.py"), "--model", str(model), "--datasets", "wikitext2",
+                        "--data-dir", DATA, "--seqlen", "64", "--max-windows", "4", "--device", "cpu",
+                        "--json", str(json_path), "--no-progress"], capture_output=True, text=True, cwd=REPO, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(json_path.read_text())["perplexity"]["wikitext2"]["ppl"]
+
+
 @needs_shared
 def test_run_eval_reads_a_gguf_file_like_its_directory(tmp_path):
     model = save_tiny_model("llama", tmp_path / "m", seed=4)
     sd = load_file(model / "model.safetensors")
     path = write_llama_gguf(model, tmp_path / "m.gguf", sd.items(), float_type="f32")
-    out = {}
-    for name, m in (("dir", model), ("gguf", path)):
-        r = subprocess.run([sys.executable, str(REPO / "run_eval.py"), "--model", str(m), "--datasets", "wikitext2",
-                            "--data-dir", DATA, "--seqlen", "64", "--max-windows", "4", "--device", "cpu",
-                            "--json", str(tmp_path / f"{name}.json"), "--no-progress"],
-                           capture_output=True, text=True, cwd=REPO, timeout=900)
-        assert r.returncode == 0, r.stderr
-        out[name] = json.loads((tmp_path / f"{name}.json").read_text())["perplexity"]["wikitext2"]["ppl"]
-    assert out["dir"] == out["gguf"]
+    assert _eval_ppl(model, tmp_path / "dir.json") == _eval_ppl(path, tmp_path / "gguf.json")
     (tmp_path / "fake.gguf").write_bytes(b"NOPE" + bytes(64))
     for bad, msg in ((tmp_path / "missing.gguf", "no such GGUF file"), (tmp_path / "fake.gguf", "no GGUF magic")):
         r = subprocess.run([sys.executable, str(REPO / "run_eval.py"), "--model", str(bad), "--data-dir", DATA],
@@ -169,3 +170,49 @@ def test_kquant_weights_in_a_gguf_file_are_the_solvers_bit_for_bit(tmp_path, met
     back = load_file(gguf_to_hf(path, tmp_path / "back") / "model.safetensors")
     for name, Q in solved.items():
         assert torch.equal(back[name], Q), name
+
+
+def _run(args, timeout=900):
+    return subprocess.run([sys.executable, str(REPO / "run_quant.py"), *args], capture_output=True, text=True,
+                          cwd=REPO, timeout=timeout)
+
+
+@needs_shared
+@pytest.mark.parametrize("method,kq", [("boa", "q2_k"), ("gptq", "q4_k")])
+def test_run_quant_kquant_exports_a_gguf_that_evaluates_like_the_run(tmp_path, method, kq):
+    """``run_quant.py --kquant TYPE --export gguf``: the GGUF file's weights are the fake-quantized
+    checkpoint's bit for bit (so run_eval.py gives the same perplexity on both), the run state keeps
+    the stored fields, and a run whose last block file is damaged resumes to the same file."""
+    model = _llama256(tmp_path / "m")
+    out = tmp_path / "q"
+    args = ["--model", str(model), "--method", method, "--kquant", kq, "--nsamples", "4", "--seqlen", "64",
+            "--data-dir", DATA, "--device", "cpu", "--output", str(out), "--export", "gguf", "--no-progress"]
+    r = _run(args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    gguf_file = out / "gguf" / "model.gguf"
+    fake = load_file(out / "model.safetensors")
+    back = load_file(gguf_to_hf(gguf_file, tmp_path / "back") / "model.safetensors")
+    for k, v in fake.items():
+        assert torch.equal(back[k], v), k
+    assert _eval_ppl(out, tmp_path / "fake.json") == _eval_ppl(gguf_file, tmp_path / "gguf.json")
+    first = gguf_file.read_bytes()
+    blk = out / "quant_state" / "block_0000.safetensors"
+    blk.write_bytes(blk.read_bytes()[:100])
+    r = _run(args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert gguf_file.read_bytes() == first
+
+
+@needs_shared
+def test_kquant_refusals_come_before_any_work(tmp_path):
+    narrow = save_tiny_model("llama", tmp_path / "narrow", seed=1)          # hidden 64: no 256-column super-block
+    base = ["--nsamples", "2", "--seqlen", "32", "--data-dir", DATA, "--device", "cpu"]
+    r = _run(["--model", str(narrow), "--kquant", "q4_k", "--output", str(tmp_path / "a"), *base])
+    assert r.returncode == 2 and "multiple of 256" in r.stderr and not (tmp_path / "a").exists(), r.stderr
+    model = _llama256(tmp_path / "m")
+    for extra, msg in ((["--export", "gguf"], "add --kquant"), (["--kquant", "q4_k", "--export", "gptq"], "only to gguf"),
+                       (["--kquant", "q4_k", "--sym"], "cannot be combined with --sym"),
+                       (["--kquant", "q9_k"], "--kquant must be one of")):
+        out = tmp_path / ("o" + str(abs(hash(msg)) % 1000))
+        r = _run(["--model", str(model), "--output", str(out), *base, *extra])
+        assert r.returncode == 2 and msg in r.stderr and not out.exists(), (extra, r.stderr[-1500:])

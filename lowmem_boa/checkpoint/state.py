@@ -248,16 +248,29 @@ def compact_block(weights: dict, quant: dict, bits: int, group_size: int | None)
     from ..export.packing import pack_bits
     from ..solvers.grid import dequantize
     tensors, rebuilt = {}, []
-    for name, (codes, scale, zero) in quant.items():
+    for name, (codes, scale, zero, *kq) in quant.items():
         w = weights[f"{name}.weight"]
         tensors[f"{name}.qcodes_packed"] = pack_bits(codes, bits)
         tensors[f"{name}.qscale"] = scale
         tensors[f"{name}.qzero"] = zero
-        if torch.equal(dequantize(codes, scale, zero, group_size, dtype=w.dtype), w):
+        kq = kq[0] if kq else None
+        if kq is not None:   # llama.cpp k-quant grid: its stored fields, and its own dequantization
+            tensors.update({f"{name}.kq_{k}": v for k, v in kq.items() if k != "type" and v is not None})
+            same = torch.equal(_kquant_weight(codes, scale, zero, kq["type"], w.dtype), w)
+        else:
+            same = torch.equal(dequantize(codes, scale, zero, group_size, dtype=w.dtype), w)
+        if same:
             rebuilt.append(name)
     keep = {f"{n}.weight" for n in rebuilt}
     tensors.update({k: v for k, v in weights.items() if k not in keep})
     return tensors, rebuilt
+
+
+def _kquant_weight(codes, scale, zero, kind: str, dtype) -> torch.Tensor:
+    from ..solvers.kquant import dequantize as kdequant, ktype
+    kt = ktype(kind)
+    s, z = scale.repeat_interleave(kt.sub, dim=-1), zero.repeat_interleave(kt.sub, dim=-1)
+    return kdequant(codes.float(), s, z, kt).to(dtype)
 
 
 def expand_block(stored: dict, meta: dict, codes: bool = False) -> dict:
@@ -266,15 +279,20 @@ def expand_block(stored: dict, meta: dict, codes: bool = False) -> dict:
     from ..solvers.grid import dequantize
     if meta.get("format") != BLOCK_FORMAT:
         return stored if codes else {k: v for k, v in stored.items() if not k.endswith((".qcodes", ".qscale", ".qzero"))}
-    out = {k: v for k, v in stored.items() if not k.endswith((".qcodes_packed", ".qscale", ".qzero"))}
+    kq = {".kq_sc", ".kq_m", ".kq_d", ".kq_dmin"}
+    out = {k: v for k, v in stored.items()
+           if not k.endswith((".qcodes_packed", ".qscale", ".qzero", *kq))}
     dtype = getattr(torch, meta["dtype"])
+    kind = meta.get("kquant")
     for name, (rows, cols) in meta["shapes"].items():
         q = unpack_bits(stored[f"{name}.qcodes_packed"], meta["wbits"], cols)
         if name in meta["rebuilt"]:
-            out[f"{name}.weight"] = dequantize(q, stored[f"{name}.qscale"], stored[f"{name}.qzero"],
-                                               meta.get("group_size"), dtype=dtype)
+            s, z = stored[f"{name}.qscale"], stored[f"{name}.qzero"]
+            out[f"{name}.weight"] = _kquant_weight(q, s, z, kind, dtype) if kind else \
+                dequantize(q, s, z, meta.get("group_size"), dtype=dtype)
         if codes:
             out[f"{name}.qcodes"] = q
             out[f"{name}.qscale"] = stored[f"{name}.qscale"]
             out[f"{name}.qzero"] = stored[f"{name}.qzero"]
+            out.update({f"{name}{k}": stored[f"{name}{k}"] for k in kq if f"{name}{k}" in stored})
     return out

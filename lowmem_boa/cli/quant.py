@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MMSE/Hessian grid search coarse to fine: every K-th of the 80 shrink factors, then the K-1 "
                    f"either side of each row's best (K=8: 48 instead of 160 candidates; 1 = the full search; "
                    f"default {BOA_GRID_COARSE} for BoA, 1 for GPTQ/RTN)")
+    m.add_argument("--kquant", default=None, metavar="TYPE",
+                   help="quantize onto llama.cpp's k-quant grid (q2_k, q3_k, q4_k, q5_k, q6_k) for --export gguf: "
+                   "sets the bit width; every quantized layer needs a multiple of 256 inputs")
     m.add_argument("--percdamp", type=float, default=0.01)
     m.add_argument("--block-size", type=int, default=128, help="lazy-update block of the OPTQ sweep")
     m.add_argument("--dtype", choices=DTYPES, default="auto", help="compute/export dtype (default: checkpoint's)")
@@ -155,7 +158,7 @@ def parse(argv=None):
                      search_orders=args.search_orders, true_sequential=args.true_sequential, v_row_hessian=args.v_row_hessian,
                      fp_targets=args.fp_targets, fp_alpha=args.fp_alpha, follow_grids=args.follow_grids,
                      refine_scales=args.refine_scales, joint_rows=args.joint_rows,
-                     grid_coarse=args.grid_coarse, mlp_row_hessian=args.mlp_row_hessian,
+                     grid_coarse=args.grid_coarse, mlp_row_hessian=args.mlp_row_hessian, kquant=args.kquant,
                      mlp_row_group=args.mlp_row_group, mlp_row_damp=args.mlp_row_damp,
                      block_size=args.block_size, calib=args.calib, calib_file=args.calib_file,
                      nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, dtype=args.dtype)

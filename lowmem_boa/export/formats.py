@@ -29,8 +29,8 @@ from .packed import FORMAT as PACKED_FORMAT
 from .packed import QUANT_METHOD, mark_config, pack_layer
 from .packing import pack_int32_cols, pack_int32_rows
 
-FORMATS = ("packed", "gptq", "compressed-tensors")
-EXPORT_CHOICES = ("packed", "gptq", "gptq_v2", "compressed-tensors")   # what --export accepts
+FORMATS = ("packed", "gptq", "compressed-tensors", "gguf")
+EXPORT_CHOICES = ("packed", "gptq", "gptq_v2", "compressed-tensors", "gguf")   # what --export accepts
 
 
 class ExportError(ValueError):
@@ -54,8 +54,11 @@ def _layers(run_dir: Path, config, adapter, state_dir: str | None = None):
         done = set()
         for name in meta["layers"]:
             quantized_layer = {"codes": tensors[f"{name}.qcodes"], "scale": tensors[f"{name}.qscale"],
-                               "zero": tensors[f"{name}.qzero"], "bias": tensors.get(f"{name}.bias")}
-            done |= {f"{name}.{k}" for k in ("qcodes", "qscale", "qzero", "weight", "bias")}
+                               "zero": tensors[f"{name}.qzero"], "bias": tensors.get(f"{name}.bias"),
+                               **{f"kq_{k}": tensors[f"{name}.kq_{k}"] for k in ("sc", "m", "d", "dmin")
+                                  if f"{name}.kq_{k}" in tensors}}
+            done |= {f"{name}.{k}" for k in ("qcodes", "qscale", "qzero", "weight", "bias", "kq_sc", "kq_m", "kq_d",
+                                             "kq_dmin")}
             yield f"{prefix}.{name}", "quant", quantized_layer
         assert set(meta["layers"]) == quantized
         for k, v in tensors.items():
@@ -85,6 +88,10 @@ def export_run(run_dir: str | Path, fmt: str, out_dir: str | Path, checkpoint_fo
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     info = _run_info(run_dir)
     qc = info["config"]
+    if fmt == "gguf" or qc.get("kquant"):
+        if fmt != "gguf" or not qc.get("kquant"):
+            raise ExportError("gguf exports need a --kquant run, and --kquant runs export only to gguf")
+        return [str(export_gguf(run_dir, out_dir, info))]
     bits, gs, sym = qc["wbits"], qc["group_size"], qc["sym"]
     config = load_config(str(run_dir))
     adapter = get_adapter(config)
@@ -126,6 +133,29 @@ def export_run(run_dir: str | Path, fmt: str, out_dir: str | Path, checkpoint_fo
     cfg["quantization_config"] = qcfg
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
     return files
+
+
+def export_gguf(run_dir: Path, out_dir: Path, info: dict) -> Path:
+    """``OUT/model.gguf``: every quantized linear as its k-quant blocks, the other tensors in the run's
+    float precision (float32 runs: F32, else F16), with the source model's tokenizer and hyper-parameters."""
+    from .gguf_file import KQuantTensor, write_llama_gguf
+    config = load_config(str(run_dir))
+    adapter = get_adapter(config)
+    cfg = json.loads((run_dir / "config.json").read_text())
+    float_type = "f32" if (cfg.get("dtype") or cfg.get("torch_dtype") or "float32") == "float32" else "f16"
+    kind = info["config"]["kquant"]
+
+    def tensors():
+        yield from _non_block_tensors(run_dir, adapter, info.get("source_model_dir"))
+        for name, kind_, t in _layers(run_dir, config, adapter, info.get("state_dir")):
+            if kind_ == "plain":
+                yield name, t
+            else:
+                fields = {k: t[f"kq_{k}"] for k in ("sc", "m", "d", "dmin") if f"kq_{k}" in t}
+                yield f"{name}.weight", KQuantTensor(t["codes"], {"type": kind, "m": None, "dmin": None, **fields})
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return write_llama_gguf(run_dir, out_dir / "model.gguf", tensors(), float_type=float_type)
 
 
 def _gptq_layer(name, codes, scale, zero, bits, gs, checkpoint_format):
