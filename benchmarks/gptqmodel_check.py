@@ -5,7 +5,9 @@
 
 For each variant (2/3/4 bits; per channel and groups of 128; asymmetric and symmetric) a run of
 ``run_quant.py`` (GPTQ, a short calibration: the format, not the solver, is under test) writes the
-fake-quantized checkpoint and the ``gptq`` (v1: zero − 1 stored) and ``gptq_v2`` exports. Then, in
+fake-quantized checkpoint and the ``gptq_v2`` export (and for symmetric grids ``gptq``, v1: zero − 1
+stored; GPTQModel refuses asymmetric v1 checkpoints it did not write, and a zero-point of 0 has no v1
+encoding). Then, in
 GPTQModel's own virtualenv (``benchmarks/_work/venv-gptqmodel``: GPTQModel 7.7.0 with the torch it
 needs, 2.14.1, which is not CI's), ``benchmarks/gptqmodel_eval.py`` loads each export with
 GPTQModel's torch kernel in float16 and returns
@@ -63,7 +65,8 @@ def quantize(model: Path, out: Path, bits, gs, sym, nsamples, seqlen) -> None:
         return
     cmd = [sys.executable, str(REPO / "run_quant.py"), "--model", str(model), "--method", "gptq", "--wbits", str(bits),
            "--nsamples", str(nsamples), "--seqlen", str(seqlen), "--data-dir", str(SHARED / "data"),
-           "--device", "cpu", "--output", str(out), "--export", "gptq,gptq_v2", "--no-progress", "--overwrite"]
+           "--device", "cpu", "--output", str(out), "--export", "gptq,gptq_v2" if sym else "gptq_v2", "--no-progress",
+           "--overwrite"]
     cmd += (["--group-size", str(gs)] if gs else []) + (["--sym"] if sym else [])
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
 
@@ -121,6 +124,8 @@ def main(argv=None):
         ref = our_reference(run)
         for fmt in ("gptq", "gptq_v2"):
             res, deq = work / f"{t}-{fmt}.json", work / f"{t}-{fmt}.safetensors"
+            if not (run / fmt / "config.json").exists():   # asymmetric v1: not exported (GPTQModel refuses it,
+                continue                                    # and a zero-point of 0 has no v1 encoding)
             proc = subprocess.run([str(py), str(REPO / "benchmarks" / "gptqmodel_eval.py"), "--model", str(run / fmt),
                                    "--windows", str(work / "windows.pt"), "--out", str(res), "--weights", str(deq)],
                                   capture_output=True, text=True)
