@@ -39,6 +39,7 @@ from .scheduler.planner import (PHASE_ATTN, PHASE_BLOCK_V, PHASE_MLP_IN, PHASE_M
 from .scheduler.scheduler import Scheduler
 from .scheduler.store import ActivationStore
 from .solvers import boa_quantize, gptq_quantize, rtn_quantize
+from .solvers.kquant import layer_type
 from .solvers.objective import attention_loss, layer_loss
 from .solvers.target import fp_target_weight
 from .stats import (attention_grams, block_v_grams, cross_gram, gain_grams, gram, mlp_row_hessian,
@@ -299,8 +300,8 @@ class BlockQuantizer:
         common = dict(sym=qc.sym, grid=qc.qparam, group_size=qc.group_size, percdamp=qc.percdamp)
         if qc.grid_coarse > 1:
             common["coarse"] = qc.grid_coarse
-        if qc.kquant:
-            common["kquant"] = qc.kquant
+        if qc.kquant:   # the layer's GGUF type: the k-quant, or its 32-column fallback
+            common["kquant"] = layer_type(qc.kquant, c)
         report = LayerReport(name=name, rows=r, cols=c, seconds=0.0)
         tags = []
         with self._phase(PHASE_SOLVE), self.sch.workspace(f"solver {name}", sum(ws.values())):

@@ -108,7 +108,7 @@ class QuantConfig:
         """Clear errors for bad values, before any work."""
         if self.method not in METHODS:
             raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.wbits not in WBITS:
+        if self.wbits not in WBITS and self.kquant is None:   # (a k-quant type sets its own width: 5, 6 too)
             raise ValueError(f"--wbits must be one of {', '.join(map(str, WBITS))}, got {self.wbits!r}")
         if self.qparam not in GRIDS:
             raise ValueError(f"--qparam must be one of {', '.join(GRIDS)}, got {self.qparam!r}")
@@ -142,9 +142,9 @@ class QuantConfig:
         if self.fp_targets and self.true_sequential:
             raise ValueError("--fp-targets fits one-pass statistics; it cannot be combined with --true-sequential")
         if self.kquant is not None:
-            from .solvers.kquant import KTYPES
-            if self.kquant not in KTYPES:
-                raise ValueError(f"--kquant must be one of {', '.join(KTYPES)}, got {self.kquant!r}")
+            from .solvers.kquant import K_TYPES
+            if self.kquant not in K_TYPES:
+                raise ValueError(f"--kquant must be one of {', '.join(K_TYPES)}, got {self.kquant!r}")
             clash = [flag for flag, on in (("--method rtn", self.method == "rtn"), ("--sym", self.sym),
                                            ("--group-size", self.group_size is not None),
                                            ("--act-order-col", self.act_order_col),

@@ -144,12 +144,17 @@ def prepare_run(qc: QuantConfig, ro: RunOptions, console: Console | None = None)
     if bad:
         raise ValueError(f"--export: unknown format(s) {', '.join(bad)}; choose from {', '.join(EXPORT_CHOICES)}")
     if qc.kquant:
-        narrow = [n for n, (_, cols) in adapter.linear_shapes().items() if cols % 256]
+        from .solvers.kquant import layer_type
+        types = {n: layer_type(qc.kquant, cols) for n, (_, cols) in adapter.linear_shapes().items()}
+        narrow = [n for n, t in types.items() if t is None]
         if narrow:
-            raise ValueError(f"--kquant {qc.kquant}: k-quant super-blocks need inputs that are a multiple of 256; "
-                             f"{', '.join(narrow)} of this model {'has' if len(narrow) == 1 else 'have'} "
-                             f"{sorted({c for n, (_, c) in adapter.linear_shapes().items() if c % 256})} "
-                             "(llama.cpp stores such tensors in 32-column types, not built here yet)")
+            raise ValueError(f"--kquant {qc.kquant}: {', '.join(narrow)} of this model have inputs that are not a "
+                             "multiple of 32, which no GGUF block type stores")
+        fallback = {n: t for n, t in types.items() if t != qc.kquant}
+        if fallback:
+            notes.append(f"--kquant {qc.kquant}: layers whose inputs are not a multiple of 256 use "
+                         f"{', '.join(sorted(set(fallback.values())))} (32-column blocks, as llama.cpp falls back): "
+                         + ", ".join(f"{n.rsplit('.', 1)[-1]} {t}" for n, t in fallback.items()))
         if any(f != "gguf" for f in ro.export):
             raise ValueError("--kquant runs export only to gguf (their grids are llama.cpp's, not GPTQ's)")
     if "gguf" in ro.export:

@@ -108,13 +108,13 @@ def test_smollm2_f16_gguf_round_trip(tmp_path):
     assert AutoTokenizer.from_pretrained(src)(text)["input_ids"] == AutoTokenizer.from_pretrained(back)(text)["input_ids"]
 
 
-def _llama256(path):
-    """A one-block Llama whose every linear has a multiple of 256 inputs (k-quants need it)."""
+def _llama256(path, intermediate=512, hidden=256):
+    """A one-block Llama whose linears have ``hidden`` / ``intermediate`` inputs (k-quants need 256s)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
     from tiny_models import TOKENIZER_SRC
     import shutil
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=8192, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+    cfg = LlamaConfig(vocab_size=8192, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=1,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=256,
                       rms_norm_eps=1e-5, tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=1)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
@@ -178,18 +178,25 @@ def _run(args, timeout=900):
 
 
 @needs_shared
-@pytest.mark.parametrize("method,kq", [("boa", "q2_k"), ("gptq", "q4_k")])
-def test_run_quant_kquant_exports_a_gguf_that_evaluates_like_the_run(tmp_path, method, kq):
+@pytest.mark.parametrize("method,kq,hidden", [("boa", "q2_k", 256), ("gptq", "q4_k", 256), ("boa", "q3_k", 96),
+                                              ("gptq", "q6_k", 96)])
+def test_run_quant_kquant_exports_a_gguf_that_evaluates_like_the_run(tmp_path, method, kq, hidden):
     """``run_quant.py --kquant TYPE --export gguf``: the GGUF file's weights are the fake-quantized
     checkpoint's bit for bit (so run_eval.py gives the same perplexity on both), the run state keeps
-    the stored fields, and a run whose last block file is damaged resumes to the same file."""
-    model = _llama256(tmp_path / "m")
+    the stored fields, and a run whose last block file is damaged resumes to the same file. With a
+    hidden size of 96 every layer but down_proj falls back to its 32-column type (Q4_0, Q8_0)."""
+    import gguf
+    model = _llama256(tmp_path / "m", hidden=hidden)
     out = tmp_path / "q"
     args = ["--model", str(model), "--method", method, "--kquant", kq, "--nsamples", "4", "--seqlen", "64",
             "--data-dir", DATA, "--device", "cpu", "--output", str(out), "--export", "gguf", "--no-progress"]
     r = _run(args)
     assert r.returncode == 0, r.stderr[-3000:]
     gguf_file = out / "gguf" / "model.gguf"
+    types = {t.name: t.tensor_type.name.lower() for t in gguf.GGUFReader(gguf_file).tensors}
+    fallback = {"q3_k": "q4_0", "q6_k": "q8_0", "q2_k": "q4_0", "q4_k": "q5_0"}[kq]
+    assert types["blk.0.ffn_down.weight"] == kq
+    assert types["blk.0.attn_q.weight"] == (kq if hidden % 256 == 0 else fallback)
     fake = load_file(out / "model.safetensors")
     back = load_file(gguf_to_hf(gguf_file, tmp_path / "back") / "model.safetensors")
     for k, v in fake.items():
@@ -205,11 +212,11 @@ def test_run_quant_kquant_exports_a_gguf_that_evaluates_like_the_run(tmp_path, m
 
 @needs_shared
 def test_kquant_refusals_come_before_any_work(tmp_path):
-    narrow = save_tiny_model("llama", tmp_path / "narrow", seed=1)          # hidden 64: no 256-column super-block
+    model = _llama256(tmp_path / "m", intermediate=520)      # down_proj: 520 inputs, not a multiple of 32
     base = ["--nsamples", "2", "--seqlen", "32", "--data-dir", DATA, "--device", "cpu"]
-    r = _run(["--model", str(narrow), "--kquant", "q4_k", "--output", str(tmp_path / "a"), *base])
-    assert r.returncode == 2 and "multiple of 256" in r.stderr and not (tmp_path / "a").exists(), r.stderr
-    model = _llama256(tmp_path / "m")
+    r = _run(["--model", str(model), "--kquant", "q4_k", "--output", str(tmp_path / "a"), *base])
+    assert r.returncode == 2 and "not a multiple of 32" in r.stderr and not (tmp_path / "a").exists(), r.stderr
+    model = _llama256(tmp_path / "m2")
     for extra, msg in ((["--export", "gguf"], "add --kquant"), (["--kquant", "q4_k", "--export", "gptq"], "only to gguf"),
                        (["--kquant", "q4_k", "--sym"], "cannot be combined with --sym"),
                        (["--kquant", "q9_k"], "--kquant must be one of")):

@@ -208,6 +208,9 @@ class RunState:
         (layer -> codes, scale, zero), stored compactly (see the module docstring)."""
         path = self.block_path(i)
         tensors, rebuilt = compact_block(weights, quant, metadata["wbits"], metadata.get("group_size"))
+        kinds = {n: t[3]["type"] for n, t in quant.items() if len(t) > 3 and t[3] is not None}
+        if kinds:   # llama.cpp grids: each layer's GGUF type (its code width follows from it)
+            metadata = {**metadata, "kquant_types": kinds}
         metadata = {**metadata, "format": BLOCK_FORMAT, "rebuilt": rebuilt,
                     "shapes": {n: list(quant[n][0].shape) for n in quant}, "dtype": _dtype_name(weights, quant)}
         atomic_save_safetensors(path, tensors, {"lowmem_boa": json.dumps(metadata)})
@@ -250,10 +253,10 @@ def compact_block(weights: dict, quant: dict, bits: int, group_size: int | None)
     tensors, rebuilt = {}, []
     for name, (codes, scale, zero, *kq) in quant.items():
         w = weights[f"{name}.weight"]
-        tensors[f"{name}.qcodes_packed"] = pack_bits(codes, bits)
+        kq = kq[0] if kq else None
+        tensors[f"{name}.qcodes_packed"] = pack_bits(codes, bits if kq is None else _ktype_bits(kq["type"]))
         tensors[f"{name}.qscale"] = scale
         tensors[f"{name}.qzero"] = zero
-        kq = kq[0] if kq else None
         if kq is not None:   # llama.cpp k-quant grid: its stored fields, and its own dequantization
             tensors.update({f"{name}.kq_{k}": v for k, v in kq.items() if k != "type" and v is not None})
             same = torch.equal(_kquant_weight(codes, scale, zero, kq["type"], w.dtype), w)
@@ -264,6 +267,11 @@ def compact_block(weights: dict, quant: dict, bits: int, group_size: int | None)
     keep = {f"{n}.weight" for n in rebuilt}
     tensors.update({k: v for k, v in weights.items() if k not in keep})
     return tensors, rebuilt
+
+
+def _ktype_bits(kind: str) -> int:
+    from ..solvers.kquant import ktype
+    return ktype(kind).bits
 
 
 def _kquant_weight(codes, scale, zero, kind: str, dtype) -> torch.Tensor:
@@ -283,9 +291,11 @@ def expand_block(stored: dict, meta: dict, codes: bool = False) -> dict:
     out = {k: v for k, v in stored.items()
            if not k.endswith((".qcodes_packed", ".qscale", ".qzero", *kq))}
     dtype = getattr(torch, meta["dtype"])
-    kind = meta.get("kquant")
+    kinds = meta.get("kquant_types", {})
     for name, (rows, cols) in meta["shapes"].items():
-        q = unpack_bits(stored[f"{name}.qcodes_packed"], meta["wbits"], cols)
+        kind = kinds.get(name)
+        bits = meta["wbits"] if kind is None else _ktype_bits(kind)
+        q = unpack_bits(stored[f"{name}.qcodes_packed"], bits, cols)
         if name in meta["rebuilt"]:
             s, z = stored[f"{name}.qscale"], stored[f"{name}.qzero"]
             out[f"{name}.weight"] = _kquant_weight(q, s, z, kind, dtype) if kind else \

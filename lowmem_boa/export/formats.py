@@ -56,7 +56,9 @@ def _layers(run_dir: Path, config, adapter, state_dir: str | None = None):
             quantized_layer = {"codes": tensors[f"{name}.qcodes"], "scale": tensors[f"{name}.qscale"],
                                "zero": tensors[f"{name}.qzero"], "bias": tensors.get(f"{name}.bias"),
                                **{f"kq_{k}": tensors[f"{name}.kq_{k}"] for k in ("sc", "m", "d", "dmin")
-                                  if f"{name}.kq_{k}" in tensors}}
+                                  if f"{name}.kq_{k}" in tensors},
+                               **({"kq_type": meta["kquant_types"][name]} if name in meta.get("kquant_types", {})
+                                  else {})}
             done |= {f"{name}.{k}" for k in ("qcodes", "qscale", "qzero", "weight", "bias", "kq_sc", "kq_m", "kq_d",
                                              "kq_dmin")}
             yield f"{prefix}.{name}", "quant", quantized_layer
@@ -143,16 +145,14 @@ def export_gguf(run_dir: Path, out_dir: Path, info: dict) -> Path:
     adapter = get_adapter(config)
     cfg = json.loads((run_dir / "config.json").read_text())
     float_type = "f32" if (cfg.get("dtype") or cfg.get("torch_dtype") or "float32") == "float32" else "f16"
-    kind = info["config"]["kquant"]
-
     def tensors():
         yield from _non_block_tensors(run_dir, adapter, info.get("source_model_dir"))
         for name, kind_, t in _layers(run_dir, config, adapter, info.get("state_dir")):
             if kind_ == "plain":
                 yield name, t
             else:
-                fields = {k: t[f"kq_{k}"] for k in ("sc", "m", "d", "dmin") if f"kq_{k}" in t}
-                yield f"{name}.weight", KQuantTensor(t["codes"], {"type": kind, "m": None, "dmin": None, **fields})
+                fields = {k: t.get(f"kq_{k}") for k in ("sc", "m", "d", "dmin")}
+                yield f"{name}.weight", KQuantTensor(t["codes"], {"type": t["kq_type"], **fields})
 
     out_dir.mkdir(parents=True, exist_ok=True)
     return write_llama_gguf(run_dir, out_dir / "model.gguf", tensors(), float_type=float_type)

@@ -126,13 +126,15 @@ class KQuantTensor:
 
     def blocks(self) -> tuple[np.ndarray, "object"]:
         import gguf
+        from ..solvers.kquant import ktype
         from .gguf_quants import pack_superblocks
         f = self.fields
         R, C = self.codes.shape
-        nb = R * C // 256
+        block = ktype(f["type"]).block
+        nb = R * C // block
         flat = lambda t: None if t is None else t.reshape(nb, -1)  # noqa: E731
-        raw = pack_superblocks(self.codes.reshape(nb, 256), flat(f["sc"]), flat(f["m"]), f["d"].reshape(nb),
-                               None if f["dmin"] is None else f["dmin"].reshape(nb), f["type"])
+        raw = pack_superblocks(self.codes.reshape(nb, block), flat(f.get("sc")), flat(f.get("m")),
+                               f["d"].reshape(nb), None if f.get("dmin") is None else f["dmin"].reshape(nb), f["type"])
         return raw.reshape(R, -1), getattr(gguf.GGMLQuantizationType, f["type"].upper())
 
 

@@ -28,13 +28,37 @@ def _scale_min_k4(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
     return np.concatenate([a, b, c], 1)
 
 
-def pack_superblocks(codes: torch.Tensor, sc: torch.Tensor, m: torch.Tensor | None, d: torch.Tensor,
+def _pack_legacy(q: np.ndarray, d: torch.Tensor, dmin: torch.Tensor | None, kt: KType) -> np.ndarray:
+    """Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0: float16 d (and the minimum), then the codes (byte j holds
+    elements j and j + 16 in its low / high nibble; the 5th bits in a little-endian uint32)."""
+    nb = q.shape[0]
+    parts = [_f16_bytes(d.numpy())]
+    if kt.offset:
+        parts.append(_f16_bytes(dmin.numpy()))
+    if kt.name == "q8_0":
+        parts.append((q - 128).astype(np.int8).view(np.uint8))
+    else:
+        if kt.bits == 5:
+            hi = ((q >> 4) & 1).astype(np.uint32)
+            qh = (hi << np.arange(32, dtype=np.uint32)).sum(axis=1, dtype=np.uint32)
+            parts.append(np.ascontiguousarray(qh.astype("<u4").reshape(nb, 1)).view(np.uint8))
+        lo = (q & 15).astype(np.uint8)
+        parts.append(lo[:, :16] | (lo[:, 16:] << 4))
+    out = np.concatenate(parts, 1)
+    assert out.shape == (nb, kt.type_size), (kt.name, out.shape)
+    return np.ascontiguousarray(out)
+
+
+def pack_superblocks(codes: torch.Tensor, sc: torch.Tensor | None, m: torch.Tensor | None, d: torch.Tensor,
                      dmin: torch.Tensor | None, kt: KType | str) -> np.ndarray:
-    """GGUF bytes of super-blocks: ``codes`` ``(nb, 256)`` (0..2^b−1), ``sc`` / ``m`` ``(nb, n_sub)``,
-    ``d`` / ``dmin`` ``(nb,)`` float16 -> ``(nb, type_size)`` uint8."""
+    """GGUF bytes of blocks: ``codes`` ``(nb, block)`` (0..2^b−1), ``sc`` / ``m`` ``(nb, n_sub)``
+    (k-quants; None for the 32-column types), ``d`` / ``dmin`` ``(nb,)`` float16 -> ``(nb, type_size)``
+    uint8."""
     kt = ktype(kt) if isinstance(kt, str) else kt
     q = codes.to(torch.int64).numpy()
     nb = q.shape[0]
+    if kt.legacy:
+        return _pack_legacy(q, d, dmin, kt)
     scn = sc.to(torch.int64).numpy()
     dd = _f16_bytes(d.numpy())
     if kt.name == "q2_k":

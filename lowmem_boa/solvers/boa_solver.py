@@ -27,7 +27,7 @@ import torch
 from .grid import expand_params, find_params
 from .hessian import gather_last, inverse_perm
 from .optq import optq_sweep
-from .kquant import QK_K, ktype
+from .kquant import ktype
 from .prepare import (Prepared, finalize, group_params_fn, kquant_fields, kquant_group_params, kquant_result,
                       prepare)
 from .refine import refine_result
@@ -123,14 +123,14 @@ def boa_quantize(W: torch.Tensor, H_col: torch.Tensor, H_row: torch.Tensor, n_he
             raise ValueError("k-quant grids take no column act-order, --group-size or scale refinement: the "
                              "type fixes the super-blocks and their stored scales")
         kt = ktype(kquant)
-        bits, sym, grid, group_size = kt.bits, not kt.offset, "minmax", QK_K
-        if W.shape[-1] % QK_K:
-            raise ValueError(f"{kt.name} needs the input size to be a multiple of {QK_K}, got {W.shape[-1]}")
+        bits, sym, grid, group_size = kt.bits, not kt.offset, "minmax", kt.block
+        if W.shape[-1] % kt.block:
+            raise ValueError(f"{kt.name} needs the input size to be a multiple of {kt.block}, got {W.shape[-1]}")
     W, n_heads, bits, sym, grid, group_size, block_size, percdamp = validate_boa_args(
         W, H_col, H_row, n_heads, bits, sym, grid, group_size, block_size, percdamp)
     joint_rows = check_positive_int("joint_rows", joint_rows)
     if kt is not None:
-        group_size = QK_K    # (validation reads a group as wide as the row as "per channel")
+        group_size = kt.block    # (validation reads a group as wide as the row as "per channel")
     dtype = compute_dtype(W, H_col, H_row)
     if kt is not None:   # diag(H_col) per head (block_v's V) or shared, before prepare damps it
         imp = torch.diagonal(H_col, dim1=-2, dim2=-1).to(dtype=dtype, copy=True)
@@ -169,7 +169,7 @@ def boa_quantize(W: torch.Tensor, H_col: torch.Tensor, H_row: torch.Tensor, n_he
             prep.W3[:, j + n:, :].baddbmm_(coef, delta, alpha=-1)
     if kt is not None:
         return kquant_result(kt, Q3, codes3, torch.cat(g_scale, dim=1), torch.cat(g_zero, dim=1),
-                             kquant_fields(kgrids, C // QK_K, (nh, dh)), W, prep, "boa")
+                             kquant_fields(kgrids, C // kt.block, (nh, dh)), W, prep, "boa")
     if gp is not None:
         row_scale, row_zero = torch.cat(g_scale, dim=1), torch.cat(g_zero, dim=1)
     else:

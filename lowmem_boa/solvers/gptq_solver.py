@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .kquant import QK_K, ktype
+from .kquant import ktype
 from .optq import optq_sweep
 from .prepare import finalize, group_params_fn, kquant_fields, kquant_group_params, kquant_result, prepare
 from .refine import refine_result
@@ -65,16 +65,16 @@ def gptq_kquant(W: torch.Tensor, H_col: torch.Tensor, kquant: str, block_size: i
     W, _, _, _, _, block_size, percdamp = validate_gptq_args(W, H_col, kt.bits, not kt.offset, "minmax", None,
                                                              block_size, percdamp)
     R, C = W.shape
-    if C % QK_K:
-        raise ValueError(f"{kt.name} needs the input size to be a multiple of {QK_K}, got {C}")
+    if C % kt.block:
+        raise ValueError(f"{kt.name} needs the input size to be a multiple of {kt.block}, got {C}")
     dtype = compute_dtype(W, H_col)
     imp = torch.diagonal(H_col).to(dtype=dtype, copy=True)      # before prepare may damp H_col in place
-    prep = prepare(W, H_col, None, 1, kt.bits, not kt.offset, "minmax", QK_K, False, False, percdamp, dtype,
+    prep = prepare(W, H_col, None, 1, kt.bits, not kt.offset, "minmax", kt.block, False, False, percdamp, dtype,
                    {}, overwrite_hessians)
     params, grids = kquant_group_params(kt, imp)
-    res = optq_sweep(prep.W3, prep.U_col, prep.maxq, block_size, None, None, QK_K, params, offset=kt.offset)
+    res = optq_sweep(prep.W3, prep.U_col, prep.maxq, block_size, None, None, kt.block, params, offset=kt.offset)
     return kquant_result(kt, res.Q, res.codes, res.group_scale, res.group_zero,
-                         kquant_fields(grids, C // QK_K, (1, R)), W, prep, "gptq")
+                         kquant_fields(grids, C // kt.block, (1, R)), W, prep, "gptq")
 
 
 def gptq(W: torch.Tensor, H_col: torch.Tensor, bits: int, sym: bool = False, grid: str = "hessian",

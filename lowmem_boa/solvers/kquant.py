@@ -31,11 +31,17 @@ QK_K = 256
 class KType:
     name: str
     bits: int
-    sub: int              # columns per sub-block
+    sub: int              # columns per sub-block (one scale each)
     sc_max: int           # largest stored sub-scale (asymmetric: 0..sc_max; symmetric: -sc_max-1..sc_max)
     offset: bool          # asymmetric (w = s q - m) or symmetric (w = s (q - zero))
     zero: int = 0         # symmetric types' fixed zero point
-    type_size: int = 0    # bytes per super-block
+    type_size: int = 0    # bytes per block
+    block: int = QK_K     # columns per block: 256 (k-quants) or 32 (the older types: one float16 scale,
+                          # and minimum, per 32 columns, no integer sub-scales)
+
+    @property
+    def legacy(self) -> bool:
+        return self.block != QK_K
 
 
 KTYPES = {
@@ -44,7 +50,24 @@ KTYPES = {
     "q4_k": KType("q4_k", 4, 32, 63, True, type_size=144),
     "q5_k": KType("q5_k", 5, 32, 63, True, type_size=176),
     "q6_k": KType("q6_k", 6, 16, 127, False, zero=32, type_size=210),
+    # 32-column types, for layers whose inputs are not a multiple of 256 (as llama.cpp falls back)
+    "q4_0": KType("q4_0", 4, 32, 0, False, zero=8, type_size=18, block=32),
+    "q4_1": KType("q4_1", 4, 32, 0, True, type_size=20, block=32),
+    "q5_0": KType("q5_0", 5, 32, 0, False, zero=16, type_size=22, block=32),
+    "q5_1": KType("q5_1", 5, 32, 0, True, type_size=24, block=32),
+    "q8_0": KType("q8_0", 8, 32, 0, False, zero=128, type_size=34, block=32),
 }
+K_TYPES = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k")   # what --kquant accepts
+# a layer whose inputs are not a multiple of 256 gets the 32-column type llama.cpp's quantizer falls back
+# to (llama_tensor_get_type); IQ4_NL, its choice under Q2_K/Q3_K, is not built: Q4_0 has its size (4.5 bpw)
+FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
+
+
+def layer_type(kquant: str, in_features: int) -> str | None:
+    """The GGUF type a layer with ``in_features`` inputs gets under ``--kquant``; None if none fits."""
+    if in_features % QK_K == 0:
+        return kquant
+    return FALLBACK[kquant] if in_features % 32 == 0 else None
 SHRINK = torch.linspace(1.0, 0.7, 13)   # range fractions tried per sub-block
 
 
@@ -57,13 +80,13 @@ def ktype(name: str) -> KType:
 
 @dataclass
 class KGrid:
-    """One super-block's grid for every row: per-column ``scale`` and ``zero`` (the offset ``m`` for
-    asymmetric types, the integer zero for symmetric ones), each ``(..., 256)`` float32, and the
+    """One block's grid for every row: per-column ``scale`` and ``zero`` (the offset ``m`` for
+    asymmetric types, the integer zero for symmetric ones), each ``(..., block)`` float32, and the
     stored fields: ``sc`` / ``m`` integer sub-scales / minimums ``(..., n_sub)``, ``d`` / ``dmin``
-    float16 ``(...)``."""
+    float16 ``(...)`` (32-column types: ``d`` the scale, ``dmin`` the minimum itself)."""
     scale: torch.Tensor
     zero: torch.Tensor
-    sc: torch.Tensor
+    sc: torch.Tensor | None     # None for the 32-column types
     m: torch.Tensor | None
     d: torch.Tensor
     dmin: torch.Tensor | None
@@ -113,14 +136,23 @@ def superblock_grid(x: torch.Tensor, kt: KType | str, importance: torch.Tensor |
     minimums to their integers times float16 ``d`` / ``dmin``. ``importance`` (``(256,)`` or like
     ``x``, e.g. ``diag(H_col)``) weights the columns in the per-sub-block search."""
     kt = ktype(kt) if isinstance(kt, str) else kt
-    if x.shape[-1] != QK_K:
-        raise ValueError(f"a k-quant super-block has {QK_K} columns, got {x.shape[-1]}")
+    if x.shape[-1] != kt.block:
+        raise ValueError(f"a {kt.name} block has {kt.block} columns, got {x.shape[-1]}")
     x = x.float()
-    n_sub = QK_K // kt.sub
+    n_sub = kt.block // kt.sub
     xs = x.reshape(*x.shape[:-1], n_sub, kt.sub)
     imp = torch.ones_like(xs) if importance is None else \
         importance.float().expand_as(x).reshape(xs.shape).clamp_min(0)
     s, m = _sub_search(xs, kt, imp)
+    if kt.legacy:    # one block = one sub-block: its scale (and minimum) stored as float16 directly
+        d = _f16(s[..., 0])
+        if kt.offset:   # w = d q + min; as an offset grid zero = -min (negation is exact)
+            mn = (-m[..., 0]).to(torch.float16)
+            return KGrid(scale=d[..., None].expand(x.shape).contiguous(),
+                         zero=(-mn.float())[..., None].expand(x.shape).contiguous(),
+                         sc=None, m=None, d=d.to(torch.float16), dmin=mn)
+        return KGrid(scale=d[..., None].expand(x.shape).contiguous(), zero=torch.full_like(x, float(kt.zero)),
+                     sc=None, m=None, d=d.to(torch.float16), dmin=None)
     if kt.offset:
         d = _f16(s.amax(-1) / kt.sc_max)
         sc = torch.clamp(torch.round(s / d[..., None]), 1, kt.sc_max)

@@ -139,11 +139,11 @@ def kquant_group_params(kt, importance: torch.Tensor):
     searched on the super-block's current weights, weighted by ``importance`` (``diag(H_col)``,
     ``(..., C)`` broadcasting against the swept rows), and rounded to what the format stores.
     Returns ``(fn, grids)``; ``grids`` collects every call's :class:`kquant.KGrid` in call order."""
-    from .kquant import QK_K, superblock_grid
+    from .kquant import superblock_grid
     grids = []
 
     def fn(col: int, Wg: torch.Tensor):
-        g = superblock_grid(Wg, kt, importance[..., col:col + QK_K])
+        g = superblock_grid(Wg, kt, importance[..., col:col + kt.block])
         grids.append(g)
         return g.scale.to(Wg.dtype), g.zero.to(Wg.dtype)
 
@@ -180,9 +180,9 @@ def kquant_result(kt, Q3, codes3, scale3, zero3, fields: dict, W: torch.Tensor, 
                       zero=sub(zero3), bits=kt.bits, sym=not kt.offset, group_size=kt.sub, method=method,
                       info=prep.info)
     out.kquant = {"type": kt.name, **{k: None if v is None else rows(v) for k, v in fields.items()}}
-    out.kquant["sc"] = out.kquant["sc"].to(torch.int16)
-    if out.kquant["m"] is not None:
-        out.kquant["m"] = out.kquant["m"].to(torch.int16)
+    for k in ("sc", "m"):
+        if out.kquant[k] is not None:
+            out.kquant[k] = out.kquant[k].to(torch.int16)
     return out
 
 
