@@ -13,15 +13,15 @@ import torch
 from lowmem_boa.export.gguf_quants import pack_superblocks
 from lowmem_boa.solvers import gptq_quantize
 from lowmem_boa.solvers import optq as optq_mod
-from lowmem_boa.solvers.kquant import KTYPES, dequantize, quantize, superblock_grid
+from lowmem_boa.solvers.kquant import K_TYPES, KTYPES, dequantize, quantize, superblock_grid
 
-TYPES = list(KTYPES)
+TYPES = list(KTYPES)          # the k-quants (blocks of 256) and the 32-column types they fall back to
 
 
-def _weights(R=7, seed=0):
+def _weights(R=7, seed=0, C=256):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(R, 256, generator=g) * 0.02
-    x[1, :32] = 0                       # a zero sub-block
+    x = torch.randn(R, C, generator=g) * 0.02
+    x[1, :16] = 0                       # a zero sub-block
     x[2] = x[2].abs()                   # all positive: no minimum needed
     x[3] = -x[3].abs()                  # all negative
     x[4] = 0                            # a zero super-block
@@ -30,9 +30,10 @@ def _weights(R=7, seed=0):
 
 
 def _file_weights(codes, k, kt_name, shape):
-    nb = codes.numel() // 256
-    b = pack_superblocks(codes.reshape(nb, 256), k["sc"].reshape(nb, -1),
-                         None if k["m"] is None else k["m"].reshape(nb, -1), k["d"].reshape(nb),
+    block = KTYPES[kt_name].block
+    nb = codes.numel() // block
+    flat = lambda t: None if t is None else t.reshape(nb, -1)  # noqa: E731
+    b = pack_superblocks(codes.reshape(nb, block), flat(k["sc"]), flat(k["m"]), k["d"].reshape(nb),
                          None if k["dmin"] is None else k["dmin"].reshape(nb), kt_name)
     qt = getattr(gguf.GGMLQuantizationType, kt_name.upper())
     assert b.shape[1] == gguf.GGML_QUANT_SIZES[qt][1]
@@ -42,7 +43,7 @@ def _file_weights(codes, k, kt_name, shape):
 @pytest.mark.parametrize("name", TYPES)
 def test_superblock_grid_packs_to_exactly_our_weights(name):
     kt = KTYPES[name]
-    x = _weights()
+    x = _weights(C=kt.block)
     g = superblock_grid(x, kt)
     codes = quantize(x, g.scale, g.zero, kt)
     w = dequantize(codes, g.scale, g.zero, kt)
@@ -50,14 +51,16 @@ def test_superblock_grid_packs_to_exactly_our_weights(name):
     assert int(codes.min()) >= 0 and int(codes.max()) <= 2 ** kt.bits - 1
     k = {"sc": g.sc, "m": g.m, "d": g.d, "dmin": g.dmin}
     assert torch.equal(_file_weights(codes, k, name, x.shape), w)
-    if kt.offset:
+    if kt.legacy:
+        assert g.sc is None and g.m is None and bool((g.d != 0).all())
+    elif kt.offset:
         assert int(g.sc.min()) >= 1 and int(g.sc.max()) <= kt.sc_max
         assert int(g.m.min()) >= 0 and int(g.m.max()) <= kt.sc_max
     else:
         assert int(g.sc.min()) >= -kt.sc_max - 1 and int(g.sc.max()) <= kt.sc_max and bool((g.sc != 0).all())
-    assert torch.equal(w[4], torch.zeros(256))                   # zeros stay zeros
+    assert torch.equal(w[4], torch.zeros(kt.block))              # zeros stay zeros
     rel = float(((w - x) ** 2).sum() / (x ** 2).sum())
-    assert rel < {2: 0.35, 3: 0.12, 4: 0.03, 5: 0.01, 6: 0.003}[kt.bits], rel
+    assert rel < {2: 0.35, 3: 0.12, 4: 0.03, 5: 0.01, 6: 0.003, 8: 0.001}[kt.bits], rel
 
 
 def _problem(C=512, R=8, seed=1):
