@@ -5,6 +5,8 @@ and a plan that has the merged phase instead of the four."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -19,7 +21,10 @@ from lowmem_boa.scheduler.planner import (PHASE_ATTN, PHASE_FP_PROPAGATE, PHASE_
                                           PHASE_STATS)
 from lowmem_boa.ui import Console
 
-from tiny_models import DATA, needs_shared, save_tiny_model, tiny_config, tiny_model
+from tiny_models import DATA, REPO, needs_shared, save_tiny_model, tiny_config, tiny_model
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+from bench_one_pass import per_group  # noqa: E402   (the per-group phases, as before the one-forward pass)
 
 
 @pytest.mark.parametrize("family", ["opt", "llama", "qwen3"])
@@ -63,19 +68,6 @@ def _never_called():
     capture_inputs(_Skips(), ["used", "extra"], torch.zeros(1, 2), {}, full=True)
 
 
-def _per_group(self, blk, store):
-    """The statistics as the per-group phases computed them (before the one-forward pass): the fp
-    stream's propagation, then the attention phase and each later group's own partial forwards."""
-    a = self.adapter
-    if self.qc.fp_targets:
-        self.propagate(blk, store, fp=True)
-    H_qkv, C_qkv, rows = self.attention_statistics(blk, store)
-    gains = {a.mlp_in[0]: self.plan.inputs.mlp_row_group}
-    early = {name: self._column_hessian(blk, store, name, phase, gains.get(name))
-             for name, phase in ((a.o_proj, PHASE_OUT), (a.mlp_in[0], PHASE_MLP_IN), (a.mlp_out, PHASE_MLP_OUT))}
-    return H_qkv, C_qkv, rows, early
-
-
 def _quant(model_dir, out, **kw):
     qc = QuantConfig(model=str(model_dir), wbits=2, nsamples=6, seqlen=48, **kw)
     ro = RunOptions(output=str(out), device="cpu", data_dir=DATA, progress=False)
@@ -98,7 +90,7 @@ def test_one_forward_statistics_equal_the_per_group_phases_bit_for_bit(tmp_path,
     assert PHASE_STATS in phases and PHASE_ATTN not in phases and PHASE_FP_PROPAGATE not in phases
 
     unplanned = block_mod.BlockQuantizer._workspace
-    monkeypatch.setattr(block_mod.BlockQuantizer, "one_pass_statistics", _per_group)
+    monkeypatch.setattr(block_mod.BlockQuantizer, "one_pass_statistics", per_group)
     monkeypatch.setattr(block_mod.BlockQuantizer, "_workspace",
                         lambda self, name: unplanned(self, name) if self._planned(name)
                         else self.sch.workspace(f"workspace: {name}", 0))
@@ -124,8 +116,8 @@ def test_the_plan_has_one_statistics_phase_unless_true_sequential(fp):
     assert "E[m m^T] partial" in one.phase(PHASE_STATS).terms
     if not fp:   # the per-group plan of the same run (true-sequential) does more arithmetic
         seq = make_plan(adapter, PlanInputs(**common, true_sequential=True), 2 ** 30, 2 ** 32)
-        per_group = sum(seq.gflop_per_block[p] for p in (PHASE_ATTN, PHASE_OUT, PHASE_MLP_IN, PHASE_MLP_OUT))
-        assert one.gflop_per_block[PHASE_STATS] < per_group
+        per_group_gflop = sum(seq.gflop_per_block[p] for p in (PHASE_ATTN, PHASE_OUT, PHASE_MLP_IN, PHASE_MLP_OUT))
+        assert one.gflop_per_block[PHASE_STATS] < per_group_gflop
         assert PHASE_STATS not in seq.gflop_per_block
     # held on the host: every set at once, block_v's after them
     assert one.host_by_phase[PHASE_STATS] <= one.host_by_phase["block_v statistics"]
