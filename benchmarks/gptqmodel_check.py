@@ -15,7 +15,7 @@ GPTQModel's torch kernel in float16 and returns
 * every quantized layer's weight as GPTQModel dequantizes it, compared here with our codes, zeros and
   scales (``scale`` rounded to float16 as the format stores it): **bit for bit** or not;
 * the perplexity of the same WikiText-2 test windows that our evaluator scores on the fake-quantized
-  checkpoint (float32 here; float16 in GPTQModel: the difference is the float16 scales and arithmetic).
+  checkpoint, in float16 as GPTQModel computes (its kernels take no float32) and in float32.
 
 Results: ``benchmarks/results/gptqmodel_check.json`` (rows replaced per model and variant).
 """
@@ -71,9 +71,10 @@ def quantize(model: Path, out: Path, bits, gs, sym, nsamples, seqlen) -> None:
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
 
 
-def our_reference(run: Path) -> dict:
+def our_reference(run: Path, gs: int) -> dict:
     """Per quantized layer: ``(codes - zero) * fp16(scale)`` in float16 arithmetic, as a GPTQ kernel
-    dequantizes the stored fields, in float32 (``nn.Linear`` orientation)."""
+    dequantizes the stored fields, in float32 (``nn.Linear`` orientation). Groups are static, in the original
+    column order (``g_idx = column // gs``; the last group is short when ``gs`` does not divide the inputs)."""
     from lowmem_boa.checkpoint.state import RunState
     from lowmem_boa.models import get_adapter
     from lowmem_boa.scheduler import load_config
@@ -85,8 +86,7 @@ def our_reference(run: Path) -> dict:
         for name in meta["layers"]:
             codes = tensors[f"{name}.qcodes"].to(torch.float16)
             scale, zero = tensors[f"{name}.qscale"].to(torch.float16), tensors[f"{name}.qzero"].round().to(torch.float16)
-            g = codes.shape[1] // scale.shape[1] if scale.shape[1] > 1 else codes.shape[1]
-            idx = torch.arange(codes.shape[1]) // g
+            idx = torch.arange(codes.shape[1]) // (gs or codes.shape[1])
             ref[f"{adapter.block_name(i)}.{name}.weight"] = ((codes - zero[:, idx]) * scale[:, idx]).float()
     return ref
 
@@ -120,17 +120,19 @@ def main(argv=None):
             continue
         run = work / t
         quantize(src, run, bits, gs, sym, args.nsamples, args.seqlen)
-        ours = streaming_nll(run, ids, torch.device("cpu"), 4 * 2 ** 30)["ppl"]
-        ref = our_reference(run)
+        ours32 = streaming_nll(run, ids, torch.device("cpu"), 4 * 2 ** 30)["ppl"]
+        # GPTQModel's kernels compute in float16: our evaluator in float16 is the same-precision reference
+        ours = streaming_nll(run, ids, torch.device("cpu"), 4 * 2 ** 30, dtype=torch.float16)["ppl"]
+        ref = our_reference(run, gs)
         for fmt in ("gptq", "gptq_v2"):
             res, deq = work / f"{t}-{fmt}.json", work / f"{t}-{fmt}.safetensors"
-            if not (run / fmt / "config.json").exists():   # asymmetric v1: not exported (GPTQModel refuses it,
-                continue                                    # and a zero-point of 0 has no v1 encoding)
+            if (fmt == "gptq" and not sym) or not (run / fmt / "config.json").exists():
+                continue   # asymmetric v1: not exported (GPTQModel refuses it; a zero-point of 0 has no v1 encoding)
             proc = subprocess.run([str(py), str(REPO / "benchmarks" / "gptqmodel_eval.py"), "--model", str(run / fmt),
                                    "--windows", str(work / "windows.pt"), "--out", str(res), "--weights", str(deq)],
                                   capture_output=True, text=True)
             row = {"model": args.model, "variant": t, "format": fmt, "bits": bits, "group_size": gs, "sym": sym,
-                   "ours_ppl": ours, "windows": args.windows, "seqlen": args.seqlen}
+                   "ours_ppl": ours, "ours_ppl_float32": ours32, "windows": args.windows, "seqlen": args.seqlen}
             if proc.returncode != 0:
                 row["error"] = (proc.stderr or proc.stdout)[-2000:]
                 print(f"{args.model} {t} {fmt}: GPTQModel FAILED\n{row['error'][-800:]}", flush=True)
@@ -143,7 +145,7 @@ def main(argv=None):
                            layers_compared=len(ref) - len(missing), layers_missing=missing[:5],
                            max_abs_weight_diff=diff, bit_exact=not missing and diff == 0.0,
                            ppl_rel_diff=r["ppl"] / ours - 1)
-                print(f"{args.model} {t} {fmt}: ours {ours:.4f} GPTQModel {r['ppl']:.4f} "
+                print(f"{args.model} {t} {fmt}: ours float16 {ours:.4f} (float32 {ours32:.4f}) GPTQModel {r['ppl']:.4f} "
                       f"({100 * row['ppl_rel_diff']:+.3f} %), weights bit-exact {row['bit_exact']} "
                       f"(max diff {diff:.3g}, {row['layers_compared']} layers) {r['kernels']}", flush=True)
             data["rows"] = [x for x in data["rows"] if (x["model"], x["variant"], x["format"]) != (args.model, t, fmt)]

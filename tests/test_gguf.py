@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -170,6 +171,41 @@ def test_kquant_weights_in_a_gguf_file_are_the_solvers_bit_for_bit(tmp_path, met
     back = load_file(gguf_to_hf(path, tmp_path / "back") / "model.safetensors")
     for name, Q in solved.items():
         assert torch.equal(back[name], Q), name
+
+
+@needs_shared
+def test_raw_blocks_and_bfloat16_floats(tmp_path):
+    """Blocks quantized elsewhere (``RawGGUFTensor``, rows in Hugging Face order, e.g. llama.cpp's own
+    quantizer in benchmarks/llamacpp_check.py) are written exactly as the solver's own ``KQuantTensor``
+    (q/k rows permuted as whole rows); ``float_type="bf16"`` stores the float matrices as BF16."""
+    import gguf
+    from lowmem_boa.export.gguf_file import KQuantTensor, RawGGUFTensor
+    from lowmem_boa.solvers import gptq_quantize
+    model = _llama256(tmp_path / "m")
+    sd = load_file(model / "model.safetensors")
+    mine, raw = [], []
+    for name, t in sd.items():
+        if name.endswith(("q_proj.weight", "k_proj.weight", "down_proj.weight")):
+            res = gptq_quantize(t, torch.eye(t.shape[1]), 0, kquant="q4_k")
+            kq = KQuantTensor(res.codes, res.kquant)
+            blocks, qtype = kq.blocks()
+            mine.append((name, kq))
+            raw.append((name, RawGGUFTensor(blocks, qtype.name)))
+        else:
+            mine.append((name, t))
+            raw.append((name, t))
+    a = {x.name: x for x in gguf.GGUFReader(write_llama_gguf(model, tmp_path / "a.gguf", mine)).tensors}
+    b = {x.name: x for x in gguf.GGUFReader(write_llama_gguf(model, tmp_path / "b.gguf", raw, "bf16")).tensors}
+    for name, t in sd.items():
+        x, y = a[gguf_name(name)], b[gguf_name(name)]
+        if name.endswith(("q_proj.weight", "k_proj.weight", "down_proj.weight")):
+            assert y.tensor_type == gguf.GGMLQuantizationType.Q4_K
+            assert np.array_equal(np.asarray(x.data), np.asarray(y.data)), name
+        elif t.dim() == 2:
+            assert y.tensor_type == gguf.GGMLQuantizationType.BF16
+            w = torch.from_numpy(gguf.quants.dequantize(y.data, y.tensor_type).copy()).reshape(t.shape)
+            heads = 4 if "q_proj" in name else 2 if "k_proj" in name else None
+            assert torch.equal(unpermute_rows(w, heads) if heads else w, t.to(torch.bfloat16).float()), name
 
 
 def _run(args, timeout=900):

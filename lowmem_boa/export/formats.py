@@ -138,13 +138,17 @@ def export_run(run_dir: str | Path, fmt: str, out_dir: str | Path, checkpoint_fo
 
 
 def export_gguf(run_dir: Path, out_dir: Path, info: dict) -> Path:
-    """``OUT/model.gguf``: every quantized linear as its k-quant blocks, the other tensors in the run's
-    float precision (float32 runs: F32, else F16), with the source model's tokenizer and hyper-parameters."""
+    """``OUT/model.gguf``: every quantized linear as its k-quant blocks, the other tensors in the source
+    model's precision (float16: F16, bfloat16: BF16, else F32; lossless either way, as llama.cpp's
+    converter writes them), with the source model's tokenizer and hyper-parameters."""
     from .gguf_file import KQuantTensor, write_llama_gguf
     config = load_config(str(run_dir))
     adapter = get_adapter(config)
     cfg = json.loads((run_dir / "config.json").read_text())
-    float_type = "f32" if (cfg.get("dtype") or cfg.get("torch_dtype") or "float32") == "float32" else "f16"
+    src = info.get("source_model_dir")
+    if src and (Path(src) / "config.json").exists():
+        cfg = json.loads((Path(src) / "config.json").read_text())
+    float_type = {"float16": "f16", "bfloat16": "bf16"}.get(cfg.get("dtype") or cfg.get("torch_dtype"), "f32")
     def tensors():
         yield from _non_block_tensors(run_dir, adapter, info.get("source_model_dir"))
         for name, kind_, t in _layers(run_dir, config, adapter, info.get("state_dir")):

@@ -4,7 +4,7 @@ model, and the way back to a Hugging Face directory.
 ``write_llama_gguf`` writes a model directory's weights as llama.cpp's converter would
 (``convert_hf_to_gguf.py``): GGUF names (``blk.N.attn_q.weight`` ...), q/k rows permuted to
 llama.cpp's rotary layout (within each head, the two halves interleaved), norms in float32, the other
-tensors in float16 or float32, the tied output head omitted, the hyper-parameters llama.cpp reads
+tensors in float16, bfloat16 or float32, the tied output head omitted, the hyper-parameters llama.cpp reads
 and the tokenizer (byte-level BPE, ``tokenizer.ggml.model = gpt2``: tokens, types, merges, special
 ids, chat template). Weights solved on a k-quant grid (``KQuantTensor``: codes and stored fields
 from ``gptq_quantize`` / ``boa_quantize`` with ``kquant=``) are written as their GGUF blocks, q/k rows
@@ -138,16 +138,25 @@ class KQuantTensor:
         return raw.reshape(R, -1), getattr(gguf.GGMLQuantizationType, f["type"].upper())
 
 
+@dataclass
+class RawGGUFTensor:
+    """A weight already in GGUF blocks (``raw``: ``uint8`` ``(rows, bytes per row)``, rows in the
+    Hugging Face order: each row is quantized on its own, so q/k rows are permuted as whole rows),
+    e.g. from llama.cpp's own quantizer; ``qtype`` a ``gguf.GGMLQuantizationType`` name (``"Q4_0"``)."""
+    raw: np.ndarray
+    qtype: str
+
+
 def write_llama_gguf(model_dir: str | Path, out_path: str | Path, tensors, float_type: str = "f16") -> Path:
-    """Write ``tensors`` (``(hf_name, torch.Tensor or KQuantTensor)`` pairs, e.g. a checkpoint's) of the
-    Llama model in ``model_dir`` (config and tokenizer) as a GGUF file; ``float_type`` f16 or f32 for
+    """Write ``tensors`` (``(hf_name, torch.Tensor, KQuantTensor or RawGGUFTensor)`` pairs, e.g. a checkpoint's) of the
+    Llama model in ``model_dir`` (config and tokenizer) as a GGUF file; ``float_type`` f16, bf16 or f32 for
     the float matrices, k-quant types for :class:`KQuantTensor` weights."""
     import gguf
     model_dir, out_path = Path(model_dir), Path(out_path)
     cfg = json.loads((model_dir / "config.json").read_text())
     check_gguf_exportable(cfg)
-    if float_type not in ("f16", "f32"):
-        raise GGUFExportError(f"float_type must be f16 or f32, got {float_type!r}")
+    if float_type not in ("f16", "bf16", "f32"):
+        raise GGUFExportError(f"float_type must be f16, bf16 or f32, got {float_type!r}")
     n_head, n_kv = int(cfg["num_attention_heads"]), int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"])
     d = int(cfg["hidden_size"])
     head_dim = int(cfg.get("head_dim") or d // n_head)
@@ -166,7 +175,8 @@ def write_llama_gguf(model_dir: str | Path, out_path: str | Path, tensors, float
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
     w.add_vocab_size(int(cfg["vocab_size"]))
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if float_type == "f16" else gguf.LlamaFileType.ALL_F32)
+    w.add_file_type({"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+                     "f32": gguf.LlamaFileType.ALL_F32}[float_type])
     _tokenizer_kv(w, model_dir)
     tied = bool(cfg.get("tie_word_embeddings"))
     for name, t in tensors:
@@ -177,9 +187,18 @@ def write_llama_gguf(model_dir: str | Path, out_path: str | Path, tensors, float
             raw, qtype = (t.permute_rows(heads) if heads else t).blocks()
             w.add_tensor(gguf_name(name), raw, raw_dtype=qtype)
             continue
+        if isinstance(t, RawGGUFTensor):
+            raw = t.raw if not heads else permute_rows(torch.from_numpy(np.ascontiguousarray(t.raw)), heads).numpy()
+            w.add_tensor(gguf_name(name), np.ascontiguousarray(raw), raw_dtype=getattr(gguf.GGMLQuantizationType,
+                                                                                          t.qtype.upper()))
+            continue
         t = t.detach().float()
         if heads:
             t = permute_rows(t, heads)
+        if t.dim() > 1 and float_type == "bf16":   # raw bytes: numpy has no bfloat16
+            raw = t.to(torch.bfloat16).contiguous().view(torch.uint8).numpy()
+            w.add_tensor(gguf_name(name), raw, raw_dtype=gguf.GGMLQuantizationType.BF16)
+            continue
         arr = t.numpy()
         if t.dim() > 1 and float_type == "f16":
             arr = arr.astype(np.float16)

@@ -1,0 +1,328 @@
+"""Our GGUF k-quant exports run by llama.cpp, against llama.cpp's own quantizer (issue 18).
+
+    python benchmarks/llamacpp_check.py --types q2_k,q3_k --methods gptq,boa       # SmolLM2, reference recipe
+    python benchmarks/llamacpp_check.py --report
+
+Model: SmolLM2-135M (``~/.cache/lowmem_boa/smollm2-135m``). Calibration: the reference recipe of the
+quality benchmark (32 x 512 WikiText-2 train windows, seed 0); evaluation: the first 64 windows of 512 of
+WikiText-2 test and of C4 (``benchmarks/quality.py --profile smollm2-135m-ref``'s windows).
+
+For each k-quant type and method, ``run_quant.py --kquant TYPE --export gguf`` (the method's defaults)
+writes the fake-quantized checkpoint and ``gguf/model.gguf``; then
+
+* **bit for bit**: every quantized tensor of the file, dequantized by the ``gguf`` package, equals the
+  checkpoint's weight (q/k rows un-permuted);
+* **llama.cpp = ours**: llama.cpp (``llama-cpp-python``, its vendored llama.cpp, in
+  ``benchmarks/_work/venv-llamacpp``; ``benchmarks/llamacpp_eval.py``) scores the same token windows as
+  our evaluator scores on the checkpoint (float32). llama.cpp's CPU matmuls round the activations to
+  8 bits (Q8_0/Q8_K) for quantized weights, so equality is to that precision; the float16 file of the
+  unquantized model gives the floor (same windows);
+* **against llama.cpp's quantizer, same tensor types**: each quantized tensor of our file re-quantized
+  from the full-precision weight by llama.cpp's own ``ggml_quantize_chunk`` (what ``llama-quantize``
+  calls per tensor; loaded from the venv's ``libggml-base``), without and with an importance matrix
+  (``llama-imatrix``'s statistic: the mean square of each input column of every matmul, here computed
+  on the full-precision model over the same calibration windows), everything else of the file unchanged:
+  equal bits per weight, equal size;
+* **llama.cpp's own file type** (``llama_model_quantize``, = ``llama-quantize f16.gguf out.gguf TYPE``;
+  Q3_K means Q3_K_M, Q4_K Q4_K_M: its per-tensor type mixture, its size), without and with the importance
+  matrix (the second re-quantizes each tensor of the first with the matrix, as ``llama-quantize --imatrix``
+  does; the first is reproduced byte for byte by ``ggml_quantize_chunk`` as a check of this path).
+
+Results: ``benchmarks/results/llamacpp_check.json`` (rows replaced per name); resumable: a finished
+quantization run or perplexity is not redone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+VENV = REPO / "benchmarks" / "_work" / "venv-llamacpp"
+WORK = REPO / "benchmarks" / "_work" / "llamacpp"
+SHARED = REPO.parent / "shared"
+OUT = REPO / "benchmarks" / "results" / "llamacpp_check.json"
+PROFILE = "smollm2-135m-ref"
+
+
+def ensure_venv() -> Path:
+    py = VENV / "bin" / "python"
+    if not py.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+        subprocess.run([str(py), "-m", "pip", "install", "-q", "numpy"], check=True)
+        env = {**os.environ, "CMAKE_ARGS": "-DGGML_NATIVE=ON -DGGML_CUDA=OFF -DLLAMA_CURL=OFF",
+               "CMAKE_BUILD_PARALLEL_LEVEL": "2"}
+        subprocess.run([str(py), "-m", "pip", "install", "-q", "llama-cpp-python==0.3.36"], check=True, env=env)
+    return py
+
+
+def libggml() -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(next(VENV.glob("lib/python3*/site-packages/llama_cpp/lib/libggml-base.so"))))
+    f = lib.ggml_quantize_chunk
+    f.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_float), ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                  ctypes.c_int64, ctypes.POINTER(ctypes.c_float)]
+    f.restype = ctypes.c_size_t
+    return lib
+
+
+def ggml_quantize(lib, w: torch.Tensor, qtype, imatrix: np.ndarray | None) -> np.ndarray:
+    """llama.cpp's quantization of ``w`` ``(rows, cols)`` to ``qtype`` (row-wise), ``imatrix`` per column."""
+    import gguf
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    x = np.ascontiguousarray(w.float().numpy(), dtype=np.float32)
+    rows, cols = x.shape
+    out = np.zeros((rows, cols // block * size), dtype=np.uint8)
+    im = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
+    n = lib.ggml_quantize_chunk(int(qtype), x.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), out.ctypes.data, 0,
+                                rows, cols, None if im is None else im.ctypes.data_as(ctypes.POINTER(ctypes.c_float)))
+    assert n == out.nbytes, (n, out.nbytes)
+    return out
+
+
+def fp_weights(model: Path) -> dict:
+    from safetensors.torch import load_file
+    sd = {}
+    for f in sorted(model.glob("*.safetensors")):
+        sd.update(load_file(str(f)))
+    return sd
+
+
+def imatrix(model: Path, calib: torch.Tensor, path: Path) -> dict:
+    """``llama-imatrix``'s statistic on the full-precision model: per matmul weight (GGUF name), the mean
+    over calibration tokens of each input column's square."""
+    if path.exists():
+        return {k: v for k, v in np.load(path).items()}
+    from transformers import AutoModelForCausalLM
+    from lowmem_boa.export.gguf_file import gguf_name
+    m = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    sums, hooks = {}, []
+    for name, mod in m.named_modules():
+        if isinstance(mod, torch.nn.Linear) and name != "lm_head":
+            def hook(_m, args, _out, key=gguf_name(name + ".weight")):
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+                s, c = sums.get(key, (0.0, 0))
+                sums[key] = (s + (x * x).sum(0), c + x.shape[0])
+            hooks.append(mod.register_forward_hook(hook))
+    with torch.no_grad():
+        for w in calib:
+            m(input_ids=w.unsqueeze(0))
+    for h in hooks:
+        h.remove()
+    out = {k: (s / c).float().numpy() for k, (s, c) in sums.items()}
+    np.savez(path, **out)
+    return out
+
+
+def tensor_types(path: Path) -> dict:
+    import gguf
+    return {t.name: t.tensor_type for t in gguf.GGUFReader(str(path)).tensors}
+
+
+def requantize(lib, model: Path, sd: dict, template: Path, out: Path, imat: dict | None) -> Path:
+    """``template``'s tensor types, every quantized tensor re-quantized from the full-precision weight by
+    ``ggml_quantize_chunk`` (with ``imat`` where it has the tensor), the others as ``write_llama_gguf``
+    writes them (float16 matrices, float32 norms)."""
+    import gguf
+    from lowmem_boa.export.gguf_file import RawGGUFTensor, gguf_name, write_llama_gguf
+    if out.exists():
+        return out
+    types = tensor_types(template)
+    floats = {gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32}
+    tensors = []
+    for name, w in sd.items():
+        if name == "lm_head.weight":
+            tensors.append((name, w))
+            continue
+        t = types[gguf_name(name)]
+        if t in floats:
+            tensors.append((name, w))
+        else:
+            im = None if imat is None else imat.get(gguf_name(name))
+            tensors.append((name, RawGGUFTensor(ggml_quantize(lib, w, t, im), t.name)))
+    return write_llama_gguf(model, out, tensors, float_type="f16")
+
+
+def same_tensor_data(a: Path, b: Path) -> bool:
+    """Same tensors, types and bytes (metadata aside)."""
+    import gguf
+    ta = {t.name: t for t in gguf.GGUFReader(str(a)).tensors}
+    tb = {t.name: t for t in gguf.GGUFReader(str(b)).tensors}
+    return set(ta) == set(tb) and all(ta[k].tensor_type == tb[k].tensor_type and
+                                      np.array_equal(np.asarray(ta[k].data), np.asarray(tb[k].data)) for k in ta)
+
+
+def bit_exact(run: Path) -> tuple[int, int]:
+    """(quantized tensors equal to the checkpoint's weights bit for bit, quantized tensors)."""
+    import gguf
+    from lowmem_boa.export.gguf_file import gguf_name, unpermute_rows
+    cfg = json.loads((run / "config.json").read_text())
+    sd = fp_weights(run)
+    r = gguf.GGUFReader(str(run / "gguf" / "model.gguf"))
+    floats = {gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32}
+    by = {t.name: t for t in r.tensors}
+    same = total = 0
+    for name, w in sd.items():
+        if name == "lm_head.weight" or name not in sd:
+            continue
+        t = by.get(gguf_name(name))
+        if t is None or t.tensor_type in floats:
+            continue
+        q = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).reshape(w.shape).float()
+        heads = (cfg["num_attention_heads"] if name.endswith("q_proj.weight") else
+                 cfg["num_key_value_heads"] if name.endswith("k_proj.weight") else None)
+        if heads:
+            q = unpermute_rows(q, heads)
+        total += 1
+        same += bool(torch.equal(q, w.float()))
+    return same, total
+
+
+class Check:
+    def __init__(self, args):
+        from quality import eval_sets, model_dir, PROFILES
+        self.args = args
+        self.py = ensure_venv()
+        self.model = model_dir(PROFILES[PROFILE], SHARED)
+        self.windows = {k: v[: args.windows] for k, v in eval_sets(PROFILE, SHARED).items()}
+        WORK.mkdir(parents=True, exist_ok=True)
+        self.npy = {}
+        for text, ids in self.windows.items():
+            self.npy[text] = WORK / f"{text}-{ids.shape[0]}x{ids.shape[1]}.npy"
+            np.save(self.npy[text], ids.numpy())
+        self.data = json.loads(OUT.read_text()) if OUT.exists() else {"rows": []}
+
+    def save_row(self, row: dict):
+        self.data["rows"] = [r for r in self.data["rows"] if r["name"] != row["name"]] + [row]
+        OUT.write_text(json.dumps(self.data, indent=1))
+
+    def row(self, name: str) -> dict | None:
+        return next((r for r in self.data["rows"] if r["name"] == name), None)
+
+    def llama_ppl(self, gguf_path: Path) -> dict:
+        out = {}
+        for text, npy in self.npy.items():
+            res = gguf_path.with_name(gguf_path.name + f".{text}.ppl.json")
+            if not res.exists():
+                subprocess.run([str(self.py), str(REPO / "benchmarks" / "llamacpp_eval.py"), "ppl", "--model",
+                                str(gguf_path), "--windows", str(npy), "--out", str(res)], check=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            out[text] = json.loads(res.read_text())["ppl"]
+        return out
+
+    def ours_ppl(self, run: Path) -> dict:
+        from lowmem_boa.eval.perplexity import streaming_nll
+        return {text: streaming_nll(run, ids, torch.device("cpu"), 4 * 2 ** 30)["ppl"]
+                for text, ids in self.windows.items()}
+
+    def record(self, name: str, gguf_path: Path, **extra):
+        if self.row(name) is None:
+            row = {"name": name, "bytes": gguf_path.stat().st_size, **extra,
+                   "llamacpp_ppl": self.llama_ppl(gguf_path), "windows": self.args.windows, "seqlen": 512}
+            self.save_row(row)
+            print(json.dumps(row), flush=True)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--types", default="q2_k,q3_k,q4_k")
+    ap.add_argument("--methods", default="gptq,boa")
+    ap.add_argument("--windows", type=int, default=64)
+    ap.add_argument("--nsamples", type=int, default=32)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--report", action="store_true")
+    ap.add_argument("--out", type=Path, default=None, help="results file (default benchmarks/results/llamacpp_check.json)")
+    ap.add_argument("--work", type=Path, default=None, help="work directory (default benchmarks/_work/llamacpp)")
+    args = ap.parse_args(argv)
+    global OUT, WORK
+    OUT, WORK = args.out or OUT, args.work or WORK
+    if args.report:
+        return report()
+    from transformers import AutoTokenizer
+    from lowmem_boa.data import calibration_windows, load_source
+    from lowmem_boa.export.gguf_file import write_llama_gguf
+    ck = Check(args)
+    lib = libggml()
+    sd = fp_weights(ck.model)
+    f16 = WORK / "smollm2-f16.gguf"
+    if not f16.exists():
+        write_llama_gguf(ck.model, f16, sd.items(), float_type="f16")
+    if ck.row("fp16") is None:
+        ck.save_row({"name": "fp16", "bytes": f16.stat().st_size, "ours_ppl": ck.ours_ppl(ck.model),
+                     "llamacpp_ppl": ck.llama_ppl(f16), "windows": args.windows, "seqlen": 512})
+    tok = AutoTokenizer.from_pretrained(ck.model)
+    calib = calibration_windows(tok, load_source("wikitext2", "train", SHARED / "data"), args.nsamples, args.seqlen,
+                                args.seed)
+    imat = imatrix(ck.model, calib, WORK / f"imatrix-{args.nsamples}x{args.seqlen}-s{args.seed}.npz")
+    for kq in args.types.split(","):
+        # llama.cpp's own file type, without and with the importance matrix
+        own = WORK / f"llama-{kq}.gguf"
+        if not own.exists():
+            subprocess.run([str(ck.py), str(REPO / "benchmarks" / "llamacpp_eval.py"), "quantize", "--model", str(f16),
+                            "--type", kq, "--out", str(own)], check=True, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+        check = requantize(lib, ck.model, sd, own, WORK / f"llama-{kq}-requant.gguf", None)
+        reproduced = same_tensor_data(check, own)
+        types = {str(t.name) for t in tensor_types(own).values()}
+        if ck.row(f"llama.cpp {kq} (own types)") is None:   # also scored by our evaluator (dequantized)
+            from lowmem_boa.export.gguf_file import gguf_to_hf
+            back = gguf_to_hf(own, WORK / f"llama-{kq}-hf")
+            ck.record(f"llama.cpp {kq} (own types)", own, type=kq, source="llama.cpp", imatrix=False,
+                      tensor_types=sorted(types), ggml_quantize_chunk_reproduces_file=reproduced,
+                      ours_ppl=ck.ours_ppl(back))
+        ck.record(f"llama.cpp {kq} (own types) + imatrix",
+                  requantize(lib, ck.model, sd, own, WORK / f"llama-{kq}-imatrix.gguf", imat), type=kq,
+                  source="llama.cpp", imatrix=True, tensor_types=sorted(types))
+        for method in args.methods.split(","):
+            run = WORK / f"{method}-{kq}-n{args.nsamples}x{args.seqlen}-s{args.seed}"
+            name = f"{method} {kq}"
+            if not (run / "gguf" / "model.gguf").exists():
+                t0 = time.perf_counter()
+                subprocess.run([sys.executable, str(REPO / "run_quant.py"), "--model", str(ck.model), "--method",
+                                method, "--kquant", kq, "--export", "gguf", "--nsamples", str(args.nsamples),
+                                "--seqlen", str(args.seqlen), "--seed", str(args.seed), "--calib", "wikitext2",
+                                "--data-dir", str(SHARED / "data"), "--device", "cpu", "--output", str(run),
+                                "--no-progress"], check=True, stdout=subprocess.DEVNULL)
+                (run / "quant_seconds.txt").write_text(f"{time.perf_counter() - t0:.1f}")
+            ours_file = run / "gguf" / "model.gguf"
+            if ck.row(name) is None:
+                same, total = bit_exact(run)
+                ck.record(name, ours_file, type=kq, source=method, imatrix=None, bit_exact_tensors=same,
+                          quantized_tensors=total, ours_ppl=ck.ours_ppl(run),
+                          tensor_types=sorted({str(t.name) for t in tensor_types(ours_file).values()}),
+                          quant_seconds=float((run / "quant_seconds.txt").read_text()))
+            # llama.cpp's quantizer on exactly our file's tensor types (equal size)
+            for use_im in (False, True):
+                label = f"llama.cpp {kq} (our types)" + (" + imatrix" if use_im else "")
+                path = WORK / f"llama-{kq}-ourtypes{'-imatrix' if use_im else ''}.gguf"
+                ck.record(label, requantize(lib, ck.model, sd, ours_file, path, imat if use_im else None), type=kq,
+                          source="llama.cpp", imatrix=use_im,
+                          tensor_types=sorted({str(t.name) for t in tensor_types(ours_file).values()}))
+    report()
+
+
+def report():
+    data = json.loads(OUT.read_text()) if OUT.exists() else {"rows": []}
+    print("| file | size (MB) | llama.cpp WikiText-2 | llama.cpp C4 | ours WikiText-2 | ours C4 | bit-exact |")
+    print("|---|---|---|---|---|---|---|")
+    for r in data["rows"]:
+        lp, op = r.get("llamacpp_ppl", {}), r.get("ours_ppl", {})
+        be = f"{r['bit_exact_tensors']}/{r['quantized_tensors']}" if "bit_exact_tensors" in r else ""
+        print(f"| {r['name']} | {r['bytes'] / 1e6:.1f} | {lp.get('wikitext2', float('nan')):.3f} | "
+              f"{lp.get('c4', float('nan')):.3f} | {op.get('wikitext2', float('nan')):.3f} | "
+              f"{op.get('c4', float('nan')):.3f} | {be} |")
+
+
+if __name__ == "__main__":
+    main()
