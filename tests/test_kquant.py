@@ -142,3 +142,74 @@ def test_boa_on_a_kquant_grid_writes_its_own_weights_and_beats_gptq_on_its_objec
     # the rows' order is the caller's: with row act-order the fields follow their rows
     ro = boa_quantize(W, H, H_row, n_heads, 0, kquant=name, joint_rows=joint, act_order_row=True)
     assert torch.equal(_file_weights(ro.codes, ro.kquant, name, W.shape), ro.Q)
+
+
+def _plain_grid_error(x, name, imp):
+    """Slow reference of the earlier search: per sub-block the best of the shrunk ranges (no
+    least-squares refit, no integer neighbours), integers by plain rounding, weighted error."""
+    from lowmem_boa.solvers.kquant import SHRINK, ktype
+    kt = ktype(name)
+    maxq = 2 ** kt.bits - 1
+    total = 0.0
+    for r in range(x.shape[0]):
+        for b0 in range(0, x.shape[1], kt.block):
+            blk, w = x[r, b0:b0 + kt.block].double(), imp[b0:b0 + kt.block].double()
+            subs = []
+            for j in range(0, kt.block, kt.sub):
+                xs, ws, best = blk[j:j + kt.sub], w[j:j + kt.sub], None
+                for p in SHRINK.tolist():
+                    if kt.offset:
+                        lo, hi = min(float(xs.min()), 0.0) * p, max(float(xs.max()), 0.0) * p
+                        s = (hi - lo) / maxq or 1.0
+                        q = torch.clamp(torch.round((xs - lo) / s), 0, maxq)
+                        e, cand = float((ws * (s * q + lo - xs) ** 2).sum()), (s, -lo)
+                    else:
+                        big = float(xs[xs.abs().argmax()]) * p
+                        s = -big / kt.zero or 1.0
+                        q = torch.clamp(torch.round(xs / s) + kt.zero, 0, maxq)
+                        e, cand = float((ws * (s * (q - kt.zero) - xs) ** 2).sum()), (s, None)
+                    if best is None or e < best[0]:
+                        best = (e, cand)
+                subs.append(best[1])
+            if kt.legacy:
+                s, m = subs[0]
+                s = float(torch.tensor(s).half()) or 2.0 ** -24
+                m = 0.0 if m is None else float(torch.tensor(m).half())
+                sc, mi, d, dmin = [1.0], [1.0], s, m
+            elif kt.offset:
+                d = float(torch.tensor(max(s for s, _ in subs) / kt.sc_max).half())
+                mm = max(m for _, m in subs)
+                dmin = float(torch.tensor(mm / kt.sc_max if mm > 0 else 1.0).half())
+                sc = [min(max(round(s / d), 1), kt.sc_max) for s, _ in subs]
+                mi = [min(max(round(m / dmin), 0), kt.sc_max) for _, m in subs]
+            else:
+                d = float(torch.tensor(max(abs(s) for s, _ in subs) / kt.sc_max).half())
+                sc = [min(max(round(s / d), -kt.sc_max - 1), kt.sc_max) or 1 for s, _ in subs]
+                mi, dmin = [0] * len(subs), 0.0
+            for j, (c, mm) in enumerate(zip(sc, mi)):
+                xs, ws = blk[j * kt.sub:(j + 1) * kt.sub], w[j * kt.sub:(j + 1) * kt.sub]
+                s, z = d * c, dmin * mm
+                if kt.offset:
+                    q = torch.clamp(torch.round((xs + z) / s), 0, maxq)
+                    total += float((ws * (s * q - z - xs) ** 2).sum())
+                else:
+                    q = torch.clamp(torch.round(xs / s) + kt.zero, 0, maxq)
+                    total += float((ws * (s * (q - kt.zero) - xs) ** 2).sum())
+    return total
+
+
+@pytest.mark.parametrize("name", ["q2_k", "q3_k", "q4_k", "q6_k", "q4_0", "q5_1"])
+def test_grid_search_beats_plain_range_search_with_outlier_importance(name):
+    """The least-squares refit and the integer-neighbour search lower the importance-weighted error of
+    rounding onto the stored grid against the plain shrunk-range search (a slow per-sub-block
+    reference), with importance as activations give it: a few columns thousands of times the rest."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(16, 512, generator=g) * 0.05 * torch.exp(0.5 * torch.randn(16, 1, generator=g))
+    imp = torch.rand(512, generator=g) * 0.01 + 0.005
+    imp[torch.randperm(512, generator=g)[:6]] = 30.0
+    grid = superblock_grid(x.reshape(16, -1, KTYPES[name].block), name, imp.reshape(-1, KTYPES[name].block))
+    w = dequantize(quantize(x.reshape(16, -1, KTYPES[name].block), grid.scale, grid.zero, KTYPES[name]),
+                   grid.scale, grid.zero, KTYPES[name]).reshape(16, 512)
+    ours = float((imp * (w - x) ** 2).sum())
+    plain = _plain_grid_error(x, name, imp)
+    assert ours < 0.9 * plain, (ours, plain)

@@ -13,7 +13,9 @@ integers times one float16 super-scale ``d`` (and ``dmin``):
 ``superblock_grid`` chooses one super-block's grid from the weights it is about to quantize (the
 solver calls it when its column sweep reaches the super-block, on the weights as updated so far)
 and rounds it to what the format stores, so the solver quantizes onto exactly the grid the file
-will hold; ``export.gguf_quants.pack_superblocks`` writes the GGUF bytes, whose dequantization by
+will hold. The search is weighted by the columns' importance (``diag(H_col)``): shrunk ranges and
+stepped scales, each refitted by weighted least squares for its codes, then each stored integer
+scale / minimum moved to whichever neighbour (±1) rounds the sub-block with the least error; ``export.gguf_quants.pack_superblocks`` writes the GGUF bytes, whose dequantization by
 llama.cpp's reference (the ``gguf`` package) reproduces ``dequantize`` here bit for bit
 (tests/test_kquant.py).
 """
@@ -69,6 +71,7 @@ def layer_type(kquant: str, in_features: int) -> str | None:
         return kquant
     return FALLBACK[kquant] if in_features % 32 == 0 else None
 SHRINK = torch.linspace(1.0, 0.7, 13)   # range fractions tried per sub-block
+STEPS = torch.arange(-4, 9) / 4.0        # levels added to the full range's scale (llama.cpp-like steps)
 
 
 def ktype(name: str) -> KType:
@@ -99,36 +102,104 @@ def _f16(x: torch.Tensor) -> torch.Tensor:
     return y.float()
 
 
+def _ls_refit(x: torch.Tensor, q: torch.Tensor, imp: torch.Tensor, kt: KType, s0: torch.Tensor, m0):
+    """Least-squares scale (and minimum) of a sub-block for fixed codes ``q``, weighted by ``imp``:
+    ``min Σ imp (s q − m − x)²`` with ``m ≥ 0`` (asymmetric) or ``min Σ imp (s (q − z) − x)²``. Where the
+    fit is degenerate (one distinct code) or gives a non-positive asymmetric scale, ``s0`` / ``m0`` stay."""
+    if kt.offset:
+        sw, sq, sqq = imp.sum(-1), (imp * q).sum(-1), (imp * q * q).sum(-1)
+        sx, sqx = (imp * x).sum(-1), (imp * q * x).sum(-1)
+        det = sw * sqq - sq * sq
+        ok = det > 1e-12 * (sw * sqq).clamp_min(1e-30)
+        safe = torch.where(ok, det, torch.ones_like(det))
+        s = (sw * sqx - sq * sx) / safe
+        b = (sqq * sx - sq * sqx) / safe            # x ≈ s q + b, b = −m
+        s_b0 = sqx / sqq.clamp_min(1e-30)           # m ≥ 0 violated: the fit with m = 0
+        s, m = torch.where(b > 0, s_b0, s), torch.where(b > 0, torch.zeros_like(b), -b)
+        ok = ok & (s > 0)
+        return torch.where(ok, s, s0), torch.where(ok, m, m0)
+    c = q - kt.zero
+    den = (imp * c * c).sum(-1)
+    s = (imp * c * x).sum(-1) / den.clamp_min(1e-30)
+    ok = (den > 0) & (s != 0)
+    return torch.where(ok, s, s0), None
+
+
 def _sub_search(x: torch.Tensor, kt: KType, imp: torch.Tensor):
     """Per sub-block (``x``: ``(..., n_sub, sub)``), the float scale (and minimum) with the least
-    importance-weighted squared error over a few shrunk ranges."""
+    importance-weighted squared error. Candidates: the range shrunk by each of ``SHRINK``, and scales
+    stepped around the full range's (as llama.cpp's ``make_qkx3_quants`` / ``make_qx_quants`` step the
+    inverse scale); each candidate's codes then get their least-squares scale (and minimum), and every
+    grid is judged after rounding onto it (so the refit never loses to the candidate it came from)."""
     maxq = 2 ** kt.bits - 1
-    best_err = best_s = best_m = None
-    for p in SHRINK.tolist():
+    best = {}
+
+    def consider(s, m):
         if kt.offset:
-            lo = torch.clamp(x.amin(-1), max=0) * p
-            hi = torch.clamp(x.amax(-1), min=0) * p
-            s = (hi - lo) / maxq
-            s = torch.where(s > 0, s, torch.ones_like(s))
-            m = -lo
             q = torch.clamp(torch.round((x + m[..., None]) / s[..., None]), 0, maxq)
             err = (imp * (s[..., None] * q - m[..., None] - x) ** 2).sum(-1)
-        else:   # the largest magnitude maps to the extra negative level -zero
-            big = torch.gather(x, -1, x.abs().argmax(-1, keepdim=True))[..., 0] * p
-            s = -big / kt.zero
-            s = torch.where(s != 0, s, torch.ones_like(s))
-            m = None
+        else:
             q = torch.clamp(torch.round(x / s[..., None]) + kt.zero, 0, maxq)
             err = (imp * (s[..., None] * (q - kt.zero) - x) ** 2).sum(-1)
-        if best_err is None:
-            best_err, best_s, best_m = err, s, m
+        if not best:
+            best.update(err=err, s=s, m=m)
         else:
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_s = torch.where(better, s, best_s)
+            better = err < best["err"]
+            best["err"] = torch.where(better, err, best["err"])
+            best["s"] = torch.where(better, s, best["s"])
             if m is not None:
-                best_m = torch.where(better, m, best_m)
-    return best_s, best_m
+                best["m"] = torch.where(better, m, best["m"])
+        return q
+
+    if kt.offset:
+        lo0 = torch.clamp(x.amin(-1), max=0)
+        hi0 = torch.clamp(x.amax(-1), min=0)
+        rng = hi0 - lo0
+        rng = torch.where(rng > 0, rng, torch.ones_like(rng))
+        trials = [(p * rng / maxq, -lo0 * p) for p in SHRINK.tolist()]
+        trials += [(rng / (maxq + k), -lo0) for k in STEPS.tolist()]
+    else:   # the largest magnitude maps to the extra negative level -zero
+        big = torch.gather(x, -1, x.abs().argmax(-1, keepdim=True))[..., 0]
+        big = torch.where(big != 0, big, torch.ones_like(big))
+        trials = [(-big * p / kt.zero, None) for p in SHRINK.tolist()]
+        trials += [(-big / (kt.zero + k / 2), None) for k in STEPS.tolist()]
+    for s, m in trials:
+        q = consider(s, m)
+        consider(*_ls_refit(x, q, imp, kt, s, m))
+    return best["s"], best.get("m")
+
+
+def _integer_neighbours(xs, imp, kt: KType, d, sc, dmin, mi):
+    """Each sub-block's stored integers (scale, and minimum) moved by −1, 0 or +1 where that lowers the
+    weighted error of the sub-block rounded onto the stored grid: rounding the float scale and minimum
+    to integers separately is not the best integer pair, and at 2 bits the difference is large."""
+    maxq = 2 ** kt.bits - 1
+    lo, hi = (1, kt.sc_max) if kt.offset else (-kt.sc_max - 1, kt.sc_max)
+    best = None
+    for ds in (0, -1, 1):
+        c = torch.clamp(sc + ds, lo, hi)
+        if not kt.offset:
+            c = torch.where(c == 0, sc, c)
+        for dm in ((0, -1, 1) if kt.offset else (0,)):
+            if kt.offset:
+                mm = torch.clamp(mi + dm, 0, kt.sc_max)
+                s_, z_ = (d[..., None] * c)[..., None], (dmin[..., None] * mm)[..., None]
+                q = torch.clamp(torch.round((xs + z_) / s_), 0, maxq)
+                err = (imp * (s_ * q - z_ - xs) ** 2).sum(-1)
+            else:
+                mm = None
+                s_ = (d[..., None] * c)[..., None]
+                q = torch.clamp(torch.round(xs / s_) + kt.zero, 0, maxq)
+                err = (imp * (s_ * (q - kt.zero) - xs) ** 2).sum(-1)
+            if best is None:
+                best = [err, c, mm]
+            else:
+                better = err < best[0]
+                best[0] = torch.where(better, err, best[0])
+                best[1] = torch.where(better, c, best[1])
+                if mm is not None:
+                    best[2] = torch.where(better, mm, best[2])
+    return best[1], best[2]
 
 
 def superblock_grid(x: torch.Tensor, kt: KType | str, importance: torch.Tensor | None = None) -> KGrid:
@@ -159,13 +230,16 @@ def superblock_grid(x: torch.Tensor, kt: KType | str, importance: torch.Tensor |
         mmax = m.amax(-1)
         dmin = _f16(torch.where(mmax > 0, mmax / kt.sc_max, torch.ones_like(mmax)))
         mi = torch.clamp(torch.round(m / dmin[..., None]), 0, kt.sc_max)
-        scale = d[..., None] * sc          # float32 products, as llama.cpp's dequantization forms them
-        zero = dmin[..., None] * mi
     else:
         d = _f16(s.abs().amax(-1) / kt.sc_max)
         sc = torch.clamp(torch.round(s / d[..., None]), -kt.sc_max - 1, kt.sc_max)
         sc = torch.where(sc == 0, torch.sign(s) + (s == 0), sc)    # never a zero scale
         mi, dmin = None, None
+    sc, mi = _integer_neighbours(xs, imp, kt, d, sc, dmin, mi)
+    if kt.offset:
+        scale = d[..., None] * sc          # float32 products, as llama.cpp's dequantization forms them
+        zero = dmin[..., None] * mi
+    else:
         scale = d[..., None] * sc
         zero = torch.full_like(scale, float(kt.zero))
     rep = lambda t: t.repeat_interleave(kt.sub, dim=-1)  # noqa: E731
