@@ -301,7 +301,7 @@ class BlockQuantizer:
         if qc.grid_coarse > 1:
             common["coarse"] = qc.grid_coarse
         if qc.kquant:   # the layer's GGUF type: the k-quant, or its 32-column fallback
-            common["kquant"] = layer_type(qc.kquant, c)
+            common["kquant"] = layer_type(qc.kquant, c, name, qc.kquant_types)
         report = LayerReport(name=name, rows=r, cols=c, seconds=0.0)
         tags = []
         with self._phase(PHASE_SOLVE), self.sch.workspace(f"solver {name}", sum(ws.values())):

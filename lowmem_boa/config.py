@@ -84,6 +84,8 @@ class QuantConfig:
                                     # None: BOA_GRID_COARSE for BoA, 1 (the full search) for GPTQ/RTN
     kquant: str | None = None       # llama.cpp k-quant grid (q2_k ... q6_k) for every quantized layer: GGUF export;
                                     # sets the bit width, no scale refinement (the stored sub-scales are the grid)
+    kquant_types: dict | None = None  # per-layer GGUF types over --kquant ({"mlp.down_proj": "q3_k"}), as
+                                    # llama-quantize's --tensor-type (llama.cpp's own Q2_K file: ffn_down Q3_K)
     percdamp: float = 0.01
     block_size: int = 128
     calib: str = "wikitext2"
@@ -101,6 +103,10 @@ class QuantConfig:
                 self.kquant = kt.name
                 self.wbits = kt.bits
                 self.refine_scales = 0
+        if self.kquant_types:
+            from .solvers.kquant import KTYPES
+            self.kquant_types = {str(k): KTYPES[str(v).lower()].name if str(v).lower() in KTYPES else str(v)
+                                 for k, v in self.kquant_types.items()}
         if self.grid_coarse is None:
             self.grid_coarse = BOA_GRID_COARSE if self.method == "boa" else 1
 
@@ -152,6 +158,13 @@ class QuantConfig:
             if clash:
                 raise ValueError(f"--kquant {self.kquant} fixes the grid (super-blocks of 256 columns, the type's "
                                  f"sub-blocks and stored scales); it cannot be combined with {', '.join(clash)}")
+        if self.kquant_types:
+            from .solvers.kquant import KTYPES
+            if self.kquant is None:
+                raise ValueError("--kquant-type sets types per layer over --kquant TYPE: add --kquant")
+            bad = [f"{k}={v}" for k, v in self.kquant_types.items() if v not in KTYPES]
+            if bad:
+                raise ValueError(f"--kquant-type {', '.join(bad)}: the type must be one of {', '.join(KTYPES)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
 
@@ -181,7 +194,7 @@ class QuantConfig:
 
 # option -> the value that reproduces the code before it existed (see QuantConfig.state_dict)
 ADDED_LATER = {"mlp_row_damp": 0.0, "fp_alpha": 1.0, "follow_grids": False, "refine_scales": 0, "joint_rows": 1,
-               "grid_coarse": 1, "kquant": None}
+               "grid_coarse": 1, "kquant": None, "kquant_types": None}
 
 
 @dataclass

@@ -145,12 +145,17 @@ def prepare_run(qc: QuantConfig, ro: RunOptions, console: Console | None = None)
         raise ValueError(f"--export: unknown format(s) {', '.join(bad)}; choose from {', '.join(EXPORT_CHOICES)}")
     if qc.kquant:
         from .solvers.kquant import layer_type
-        types = {n: layer_type(qc.kquant, cols) for n, (_, cols) in adapter.linear_shapes().items()}
+        shapes = adapter.linear_shapes()
+        unknown = sorted(set(qc.kquant_types or {}) - set(shapes))
+        if unknown:
+            raise ValueError(f"--kquant-type: no layer {', '.join(unknown)} in this model's blocks "
+                             f"(its layers: {', '.join(shapes)})")
+        types = {n: layer_type(qc.kquant, cols, n, qc.kquant_types) for n, (_, cols) in shapes.items()}
         narrow = [n for n, t in types.items() if t is None]
         if narrow:
             raise ValueError(f"--kquant {qc.kquant}: {', '.join(narrow)} of this model have inputs that are not a "
                              "multiple of 32, which no GGUF block type stores")
-        fallback = {n: t for n, t in types.items() if t != qc.kquant}
+        fallback = {n: t for n, t in types.items() if t != (qc.kquant_types or {}).get(n, qc.kquant)}
         if fallback:
             notes.append(f"--kquant {qc.kquant}: layers whose inputs are not a multiple of 256 use "
                          f"{', '.join(sorted(set(fallback.values())))} (32-column blocks, as llama.cpp falls back): "

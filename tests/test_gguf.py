@@ -214,24 +214,29 @@ def _run(args, timeout=900):
 
 
 @needs_shared
-@pytest.mark.parametrize("method,kq,hidden", [("boa", "q2_k", 256), ("gptq", "q4_k", 256), ("boa", "q3_k", 96),
-                                              ("gptq", "q6_k", 96)])
-def test_run_quant_kquant_exports_a_gguf_that_evaluates_like_the_run(tmp_path, method, kq, hidden):
+@pytest.mark.parametrize("method,kq,hidden,over", [("boa", "q2_k", 256, {"mlp.down_proj": "q3_k", "self_attn.v_proj": "q8_0"}),
+                                                   ("gptq", "q4_k", 256, {}), ("boa", "q3_k", 96, {}),
+                                                   ("gptq", "q6_k", 96, {})])
+def test_run_quant_kquant_exports_a_gguf_that_evaluates_like_the_run(tmp_path, method, kq, hidden, over):
     """``run_quant.py --kquant TYPE --export gguf``: the GGUF file's weights are the fake-quantized
     checkpoint's bit for bit (so run_eval.py gives the same perplexity on both), the run state keeps
     the stored fields, and a run whose last block file is damaged resumes to the same file. With a
-    hidden size of 96 every layer but down_proj falls back to its 32-column type (Q4_0, Q8_0)."""
+    hidden size of 96 every layer but down_proj falls back to its 32-column type (Q4_0, Q8_0);
+    ``--kquant-type LAYER=TYPE`` gives a layer of every block its own type (llama.cpp's type mixtures)."""
     import gguf
     model = _llama256(tmp_path / "m", hidden=hidden)
     out = tmp_path / "q"
     args = ["--model", str(model), "--method", method, "--kquant", kq, "--nsamples", "4", "--seqlen", "64",
             "--data-dir", DATA, "--device", "cpu", "--output", str(out), "--export", "gguf", "--no-progress"]
+    for layer, t in over.items():
+        args += ["--kquant-type", f"{layer}={t}"]
     r = _run(args)
     assert r.returncode == 0, r.stderr[-3000:]
     gguf_file = out / "gguf" / "model.gguf"
     types = {t.name: t.tensor_type.name.lower() for t in gguf.GGUFReader(gguf_file).tensors}
     fallback = {"q3_k": "q4_0", "q6_k": "q8_0", "q2_k": "q4_0", "q4_k": "q5_0"}[kq]
-    assert types["blk.0.ffn_down.weight"] == kq
+    assert types["blk.0.ffn_down.weight"] == over.get("mlp.down_proj", kq)
+    assert types["blk.0.attn_v.weight"] == over.get("self_attn.v_proj", kq if hidden % 256 == 0 else fallback)
     assert types["blk.0.attn_q.weight"] == (kq if hidden % 256 == 0 else fallback)
     fake = load_file(out / "model.safetensors")
     back = load_file(gguf_to_hf(gguf_file, tmp_path / "back") / "model.safetensors")
@@ -255,7 +260,11 @@ def test_kquant_refusals_come_before_any_work(tmp_path):
     model = _llama256(tmp_path / "m2")
     for extra, msg in ((["--export", "gguf"], "add --kquant"), (["--kquant", "q4_k", "--export", "gptq"], "only to gguf"),
                        (["--kquant", "q4_k", "--sym"], "cannot be combined with --sym"),
-                       (["--kquant", "q9_k"], "--kquant must be one of")):
+                       (["--kquant", "q9_k"], "--kquant must be one of"),
+                       (["--kquant-type", "mlp.down_proj=q3_k"], "per layer over --kquant"),
+                       (["--kquant", "q4_k", "--kquant-type", "mlp.nope=q3_k"], "no layer mlp.nope"),
+                       (["--kquant", "q4_k", "--kquant-type", "mlp.down_proj=q9"], "the type must be one of"),
+                       (["--kquant", "q4_k", "--kquant-type", "mlp.down_proj"], "must be LAYER=TYPE")):
         out = tmp_path / ("o" + str(abs(hash(msg)) % 1000))
         r = _run(["--model", str(model), "--output", str(out), *base, *extra])
         assert r.returncode == 2 and msg in r.stderr and not out.exists(), (extra, r.stderr[-1500:])

@@ -32,6 +32,14 @@ def _joint_rows(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"must be a positive integer or auto, got {text!r}") from None
 
 
+def _kquant_pair(text: str) -> tuple[str, str]:
+    """``--kquant-type LAYER=TYPE`` (e.g. ``mlp.down_proj=q3_k``)."""
+    layer, sep, kind = text.partition("=")
+    if not sep or not layer or not kind:
+        raise argparse.ArgumentTypeError(f"must be LAYER=TYPE (e.g. mlp.down_proj=q3_k), got {text!r}")
+    return layer.strip(), kind.strip().lower()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="run_quant.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -93,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--kquant", default=None, metavar="TYPE",
                    help="quantize onto llama.cpp's k-quant grid (q2_k, q3_k, q4_k, q5_k, q6_k) for --export gguf: "
                    "sets the bit width; every quantized layer needs a multiple of 256 inputs")
+    m.add_argument("--kquant-type", action="append", default=None, metavar="LAYER=TYPE", type=_kquant_pair,
+                   help="with --kquant: this layer of every block in another GGUF type (repeatable), as "
+                   "llama-quantize's --tensor-type; e.g. mlp.down_proj=q3_k (what llama.cpp's own Q2_K files do)")
     m.add_argument("--percdamp", type=float, default=0.01)
     m.add_argument("--block-size", type=int, default=128, help="lazy-update block of the OPTQ sweep")
     m.add_argument("--dtype", choices=DTYPES, default="auto", help="compute/export dtype (default: checkpoint's)")
@@ -159,6 +170,7 @@ def parse(argv=None):
                      fp_targets=args.fp_targets, fp_alpha=args.fp_alpha, follow_grids=args.follow_grids,
                      refine_scales=args.refine_scales, joint_rows=args.joint_rows,
                      grid_coarse=args.grid_coarse, mlp_row_hessian=args.mlp_row_hessian, kquant=args.kquant,
+                     kquant_types=dict(args.kquant_type) if args.kquant_type else None,
                      mlp_row_group=args.mlp_row_group, mlp_row_damp=args.mlp_row_damp,
                      block_size=args.block_size, calib=args.calib, calib_file=args.calib_file,
                      nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, dtype=args.dtype)

@@ -65,11 +65,15 @@ K_TYPES = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k")   # what --kquant accepts
 FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
 
 
-def layer_type(kquant: str, in_features: int) -> str | None:
-    """The GGUF type a layer with ``in_features`` inputs gets under ``--kquant``; None if none fits."""
-    if in_features % QK_K == 0:
-        return kquant
-    return FALLBACK[kquant] if in_features % 32 == 0 else None
+def layer_type(kquant: str, in_features: int, name: str | None = None, overrides: dict | None = None) -> str | None:
+    """The GGUF type a layer with ``in_features`` inputs gets under ``--kquant`` (or ``overrides[name]``,
+    ``--kquant-type NAME=TYPE``); a k-quant falls back to its 32-column type where the inputs are not a
+    multiple of 256; None if no type fits."""
+    t = (overrides or {}).get(name, kquant)
+    kt = ktype(t)
+    if in_features % kt.block == 0:
+        return kt.name
+    return FALLBACK[kt.name] if not kt.legacy and in_features % 32 == 0 else None
 SHRINK = torch.linspace(1.0, 0.7, 13)   # range fractions tried per sub-block
 STEPS = torch.arange(-4, 9) / 4.0        # levels added to the full range's scale (llama.cpp-like steps)
 
