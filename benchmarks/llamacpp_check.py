@@ -124,6 +124,33 @@ def imatrix(model: Path, calib: torch.Tensor, path: Path) -> dict:
     return out
 
 
+def llama_mix(own: Path, model: Path) -> dict:
+    """``--kquant-type`` overrides that give our run llama.cpp's own per-layer types of ``own`` (one type
+    per layer kind across blocks: the most common where its mixture varies by block), where they differ
+    from what ``--kquant`` alone gives (the type or its 32-column fallback)."""
+    from collections import Counter
+    from lowmem_boa.export.gguf_file import _BLOCK_NAMES
+    types = tensor_types(own)
+    cfg = json.loads((model / "config.json").read_text())
+    kinds = {}
+    for name, t in types.items():
+        parts = name.split(".")
+        if parts[0] == "blk":
+            kinds.setdefault(".".join(parts[2:]), Counter())[t.name.lower()] += 1
+    base = own.name.split("-")[1].split(".")[0]      # llama-q2_k.gguf -> q2_k
+    from lowmem_boa.solvers.kquant import layer_type
+    cols = {"self_attn.o_proj.weight": cfg["num_attention_heads"] * (cfg.get("head_dim") or
+                                                                      cfg["hidden_size"] // cfg["num_attention_heads"]),
+            "mlp.down_proj.weight": cfg["intermediate_size"]}
+    over = {}
+    for hf, g in _BLOCK_NAMES.items():
+        if g in kinds and hf.endswith("proj.weight"):
+            t = kinds[g].most_common(1)[0][0]
+            if t != layer_type(base, cols.get(hf, cfg["hidden_size"])):
+                over[hf[: -len(".weight")]] = t
+    return over
+
+
 def tensor_types(path: Path) -> dict:
     import gguf
     return {t.name: t.tensor_type for t in gguf.GGUFReader(str(path)).tensors}
@@ -202,7 +229,8 @@ class Check:
             np.save(self.npy[text], ids.numpy())
         self.data = json.loads(OUT.read_text()) if OUT.exists() else {"rows": []}
 
-    def save_row(self, row: dict):
+    def save_row(self, row: dict):   # re-read first: two checks (e.g. --mix and not) may share the file
+        self.data = json.loads(OUT.read_text()) if OUT.exists() else {"rows": []}
         self.data["rows"] = [r for r in self.data["rows"] if r["name"] != row["name"]] + [row]
         OUT.write_text(json.dumps(self.data, indent=1))
 
@@ -241,6 +269,9 @@ def main(argv=None):
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--mix", action="store_true",
+                    help="our runs with llama.cpp's own per-layer types of each file type (--kquant-type for the "
+                    "layers its mixture promotes, e.g. ffn_down Q3_K in a Q2_K file) instead of one type")
     ap.add_argument("--report", action="store_true")
     ap.add_argument("--out", type=Path, default=None, help="results file (default benchmarks/results/llamacpp_check.json)")
     ap.add_argument("--work", type=Path, default=None, help="work directory (default benchmarks/_work/llamacpp)")
@@ -284,28 +315,31 @@ def main(argv=None):
         ck.record(f"llama.cpp {kq} (own types) + imatrix",
                   requantize(lib, ck.model, sd, own, WORK / f"llama-{kq}-imatrix.gguf", imat), type=kq,
                   source="llama.cpp", imatrix=True, tensor_types=sorted(types))
+        over = llama_mix(own, ck.model) if args.mix else {}
+        mix = " llama.cpp mix" if args.mix else ""
         for method in args.methods.split(","):
-            run = WORK / f"{method}-{kq}-n{args.nsamples}x{args.seqlen}-s{args.seed}"
-            name = f"{method} {kq}"
+            run = WORK / f"{method}-{kq}{'-mix' if args.mix else ''}-n{args.nsamples}x{args.seqlen}-s{args.seed}"
+            name = f"{method} {kq}{mix}"
             if not (run / "gguf" / "model.gguf").exists():
                 t0 = time.perf_counter()
                 subprocess.run([sys.executable, str(REPO / "run_quant.py"), "--model", str(ck.model), "--method",
                                 method, "--kquant", kq, "--export", "gguf", "--nsamples", str(args.nsamples),
                                 "--seqlen", str(args.seqlen), "--seed", str(args.seed), "--calib", "wikitext2",
                                 "--data-dir", str(SHARED / "data"), "--device", "cpu", "--output", str(run),
-                                "--no-progress"], check=True, stdout=subprocess.DEVNULL)
+                                "--no-progress", *[a for k, t in over.items() for a in ("--kquant-type", f"{k}={t}")]],
+                               check=True, stdout=subprocess.DEVNULL)
                 (run / "quant_seconds.txt").write_text(f"{time.perf_counter() - t0:.1f}")
             ours_file = run / "gguf" / "model.gguf"
             if ck.row(name) is None:
                 same, total = bit_exact(run)
-                ck.record(name, ours_file, type=kq, source=method, imatrix=None, bit_exact_tensors=same,
+                ck.record(name, ours_file, type=kq, source=method, imatrix=None, bit_exact_tensors=same, kquant_types=over,
                           quantized_tensors=total, ours_ppl=ck.ours_ppl(run),
                           tensor_types=sorted({str(t.name) for t in tensor_types(ours_file).values()}),
                           quant_seconds=float((run / "quant_seconds.txt").read_text()))
             # llama.cpp's quantizer on exactly our file's tensor types (equal size)
             for use_im in (False, True):
-                label = f"llama.cpp {kq} (our types)" + (" + imatrix" if use_im else "")
-                path = WORK / f"llama-{kq}-ourtypes{'-imatrix' if use_im else ''}.gguf"
+                label = f"llama.cpp {kq} (our{mix} types)" + (" + imatrix" if use_im else "")
+                path = WORK / f"llama-{kq}-ourtypes{'-mix' if args.mix else ''}{'-imatrix' if use_im else ''}.gguf"
                 ck.record(label, requantize(lib, ck.model, sd, ours_file, path, imat if use_im else None), type=kq,
                           source="llama.cpp", imatrix=use_im,
                           tensor_types=sorted({str(t.name) for t in tensor_types(ours_file).values()}))

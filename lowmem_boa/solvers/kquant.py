@@ -61,7 +61,8 @@ KTYPES = {
 }
 K_TYPES = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k")   # what --kquant accepts
 # a layer whose inputs are not a multiple of 256 gets the 32-column type llama.cpp's quantizer falls back
-# to (llama_tensor_get_type); IQ4_NL, its choice under Q2_K/Q3_K, is not built: Q4_0 has its size (4.5 bpw)
+# to (llama_tensor_get_type; Q4_0 under Q2_K, as the llama.cpp of llama-cpp-python 0.3.36 writes it; some
+# versions pick IQ4_NL there, not built here: the same 4.5 bpw)
 FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
 
 
