@@ -261,10 +261,7 @@ def test_kquant_refusals_come_before_any_work(tmp_path):
     for extra, msg in ((["--export", "gguf"], "add --kquant"), (["--kquant", "q4_k", "--export", "gptq"], "only to gguf"),
                        (["--kquant", "q4_k", "--sym"], "cannot be combined with --sym"),
                        (["--kquant", "q9_k"], "--kquant must be one of"),
-                       (["--kquant-type", "mlp.down_proj=q3_k"], "per layer over --kquant"),
-                       (["--kquant", "q4_k", "--kquant-type", "mlp.nope=q3_k"], "no layer mlp.nope"),
-                       (["--kquant", "q4_k", "--kquant-type", "mlp.down_proj=q9"], "the type must be one of"),
-                       (["--kquant", "q4_k", "--kquant-type", "mlp.down_proj"], "must be LAYER=TYPE")):
+                       (["--kquant", "q4_k", "--kquant-type", "mlp.nope=q3_k"], "no layer mlp.nope")):
         out = tmp_path / ("o" + str(abs(hash(msg)) % 1000))
         r = _run(["--model", str(model), "--output", str(out), *base, *extra])
         assert r.returncode == 2 and msg in r.stderr and not out.exists(), (extra, r.stderr[-1500:])

@@ -120,6 +120,30 @@ def test_kquant_refuses_what_it_cannot_do():
     assert np.isfinite(gptq_quantize(torch.zeros(2, 256), torch.eye(256), 0, kquant="q2_k").Q.numpy()).all()
 
 
+def test_kquant_type_overrides_and_their_refusals():
+    """``--kquant-type LAYER=TYPE``: the layer's type over ``--kquant`` (a k-quant still falls back to its
+    32-column type where the inputs are not a multiple of 256); bad values refused by the CLI's parser
+    and the config's validation, before any work (the unknown-layer refusal needs the model: test_gguf)."""
+    from lowmem_boa.cli.quant import parse
+    from lowmem_boa.solvers.kquant import layer_type
+    over = {"mlp.down_proj": "q3_k", "self_attn.v_proj": "q8_0"}
+    assert layer_type("q2_k", 1536, "mlp.down_proj", over) == "q3_k"
+    assert layer_type("q2_k", 576, "mlp.down_proj", over) == "q4_0"     # q3_k's fallback
+    assert layer_type("q2_k", 576, "self_attn.v_proj", over) == "q8_0"
+    assert layer_type("q2_k", 576, "self_attn.q_proj", over) == "q4_0"
+    assert layer_type("q2_k", 512, "self_attn.q_proj", over) == "q2_k"
+    assert layer_type("q4_k", 520, "mlp.up_proj", {"mlp.up_proj": "q8_0"}) is None
+    qc, _ = parse(["--model", "m", "--kquant", "Q2_K", "--kquant-type", "mlp.down_proj=Q3_K"])
+    qc.validate()
+    assert qc.kquant == "q2_k" and qc.kquant_types == {"mlp.down_proj": "q3_k"}
+    for argv, msg in ((["--kquant-type", "mlp.down_proj=q3_k"], "per layer over --kquant"),
+                      (["--kquant", "q4_k", "--kquant-type", "mlp.down_proj=q9"], "the type must be one of")):
+        with pytest.raises(ValueError, match=msg):
+            parse(["--model", "m", *argv])[0].validate()
+    with pytest.raises(SystemExit):
+        parse(["--model", "m", "--kquant", "q4_k", "--kquant-type", "mlp.down_proj"])
+
+
 def _kron_loss(W, Q, H_col, H_row, n_heads):
     """BoA's objective: sum_h tr(dW_h H_col dW_h^T H_row,h) (one shared H_col)."""
     D = (Q - W).double().reshape(n_heads, -1, W.shape[1])
