@@ -177,3 +177,23 @@ def test_run_quant_export_option_writes_loadable_checkpoints(tmp_path):
     assert json.loads((out / "gptq" / "config.json").read_text())["quantization_config"]["sym"] is True
     r = subprocess.run(args[:-1] + ["onnx"], capture_output=True, text=True, cwd=REPO, timeout=600)
     assert r.returncode == 2 and "unknown format" in r.stderr
+
+
+def test_a_float16_source_exports_its_unquantized_tensors_in_float16(tmp_path):
+    """A CPU run computes (and writes its fake-quantized checkpoint) in float32; the exports keep the
+    source model's float16 for what they do not quantize (embeddings, norms), exactly the source values."""
+    from transformers import AutoModelForCausalLM
+    model = save_tiny_model("llama", tmp_path / "m", seed=5, n_layers=1)
+    m = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float16)
+    m.save_pretrained(model)
+    src = load_file(model / "model.safetensors")
+    qc = QuantConfig(model=str(model), method="gptq", wbits=4, nsamples=2, seqlen=32)
+    ro = RunOptions(output=str(tmp_path / "q"), device="cpu", data_dir=str(SHARED / "data"), progress=False)
+    quantize_model(qc, ro, Console(progress=False))
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["dtype"] == "float32"
+    for fmt in ("gptq", "packed"):
+        export_run(tmp_path / "q", fmt, tmp_path / fmt)
+        assert json.loads((tmp_path / fmt / "config.json").read_text())["dtype"] == "float16"
+        st = load_file(tmp_path / fmt / "model.safetensors")
+        for k in ("model.embed_tokens.weight", "model.norm.weight", "model.layers.0.input_layernorm.weight"):
+            assert st[k].dtype == torch.float16 and torch.equal(st[k], src[k]), (fmt, k)

@@ -11,7 +11,8 @@
   vLLM serves it).
 
 Everything is read from the run's block files (integer codes, scales, zeros) and its exported
-checkpoint (the other tensors), one block at a time.
+checkpoint (the other tensors, written in the source model's precision where it is float16 or
+bfloat16, as the source had them), one block at a time.
 """
 
 from __future__ import annotations
@@ -68,14 +69,28 @@ def _layers(run_dir: Path, config, adapter, state_dir: str | None = None):
                 yield f"{prefix}.{k}", "plain", v
 
 
-def _non_block_tensors(run_dir: Path, adapter, source_dir: str | None = None):
+def _float_dtype(run_dir: Path, info: dict) -> str:
+    """The precision of an export's unquantized tensors (embeddings, norms, head, biases): the source
+    model's where it is float16 / bfloat16 (a CPU run computes and writes its checkpoint in float32, and
+    the source values convert back exactly), else the run's."""
+    src = info.get("source_model_dir")
+    for d in ([Path(src)] if src else []) + [run_dir]:
+        if (d / "config.json").is_file():
+            cfg = json.loads((d / "config.json").read_text())
+            name = cfg.get("dtype") or cfg.get("torch_dtype")
+            if name in ("float16", "bfloat16") or d == run_dir:
+                return name or "float32"
+    return "float32"
+
+
+def _non_block_tensors(run_dir: Path, adapter, source_dir: str | None = None, dtype: str | None = None):
     """Embeddings, final norm and head: from the run's fake-quantized checkpoint, or (``--no-fake-quant``)
-    from the source model, converted to the run dtype."""
+    from the source model, converted to ``dtype`` (default: the run dtype)."""
     has_weights = (run_dir / "model.safetensors").is_file() or (run_dir / "model.safetensors.index.json").is_file()
     if not has_weights and source_dir is None:
         raise ExportError(f"{run_dir} holds no weights and its report names no source model")
     reader = CheckpointReader(run_dir if has_weights else source_dir)
-    dtype = getattr(torch, json.loads((run_dir / "config.json").read_text()).get("dtype") or "float32")
+    dtype = getattr(torch, dtype or json.loads((run_dir / "config.json").read_text()).get("dtype") or "float32")
     prefix = adapter.blocks_prefix + "."
     for key in sorted(reader.keys()):
         if not key.startswith(prefix):
@@ -98,13 +113,16 @@ def export_run(run_dir: str | Path, fmt: str, out_dir: str | Path, checkpoint_fo
     config = load_config(str(run_dir))
     adapter = get_adapter(config)
     cfg = json.loads((run_dir / "config.json").read_text())
+    cfg["dtype"] = _float_dtype(run_dir, info)
+    cfg.pop("torch_dtype", None)
+    fdt = getattr(torch, cfg["dtype"])
     modules = {}
 
     def tensors():
-        yield from _non_block_tensors(run_dir, adapter, info.get("source_model_dir"))
+        yield from _non_block_tensors(run_dir, adapter, info.get("source_model_dir"), cfg["dtype"])
         for name, kind, t in _layers(run_dir, config, adapter, info.get("state_dir")):
             if kind == "plain":
-                yield name, t
+                yield name, t.to(fdt) if t.is_floating_point() else t
                 continue
             codes, scale, zero, bias = t["codes"], t["scale"], t["zero"], t["bias"]
             modules[name] = list(codes.shape)
@@ -116,7 +134,7 @@ def export_run(run_dir: str | Path, fmt: str, out_dir: str | Path, checkpoint_fo
             else:
                 yield from _ct_layer(name, codes, scale, zero, bits, sym)
             if bias is not None:
-                yield f"{name}.bias", bias
+                yield f"{name}.bias", bias.to(fdt)
 
     # the quantization_config names the modules, known only after streaming: write tensors first
     files = write_checkpoint(out_dir, run_dir, cfg, tensors())
@@ -144,11 +162,7 @@ def export_gguf(run_dir: Path, out_dir: Path, info: dict) -> Path:
     from .gguf_file import KQuantTensor, write_llama_gguf
     config = load_config(str(run_dir))
     adapter = get_adapter(config)
-    cfg = json.loads((run_dir / "config.json").read_text())
-    src = info.get("source_model_dir")
-    if src and (Path(src) / "config.json").exists():
-        cfg = json.loads((Path(src) / "config.json").read_text())
-    float_type = {"float16": "f16", "bfloat16": "bf16"}.get(cfg.get("dtype") or cfg.get("torch_dtype"), "f32")
+    float_type = {"float16": "f16", "bfloat16": "bf16"}.get(_float_dtype(run_dir, info), "f32")
     def tensors():
         yield from _non_block_tensors(run_dir, adapter, info.get("source_model_dir"))
         for name, kind_, t in _layers(run_dir, config, adapter, info.get("state_dir")):
