@@ -99,7 +99,10 @@ def main(argv=None):
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--nsamples", type=int, default=8)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "gptqmodel_check.json")
+    ap.add_argument("--report", action="store_true", help="print the --model's table from the results file")
     args = ap.parse_args(argv)
+    if args.report:
+        return report(args.out, args.model)
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
     from lowmem_boa.data.calibration import eval_windows, load_source
@@ -151,6 +154,16 @@ def main(argv=None):
             data["rows"] = [x for x in data["rows"] if (x["model"], x["variant"], x["format"]) != (args.model, t, fmt)]
             data["rows"].append(row)
             args.out.write_text(json.dumps(data, indent=1))
+
+
+def report(path: Path, model: str) -> None:
+    rows = [r for r in json.loads(path.read_text())["rows"] if r["model"] == model and "gptqmodel_ppl" in r]
+    print("| variant | format | ours (float16) | GPTQModel (float16) | difference | ours (float32) | weights |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['variant']} | {r['format']} | {r['ours_ppl']:.4f} | {r['gptqmodel_ppl']:.4f} | "
+              f"{100 * r['ppl_rel_diff']:+.3f} % | {r.get('ours_ppl_float32', float('nan')):.4f} | "
+              f"{'bit for bit' if r['bit_exact'] else 'differ'} ({r['layers_compared']} layers) |")
 
 
 if __name__ == "__main__":
