@@ -130,6 +130,29 @@ def _ls_refit(x: torch.Tensor, q: torch.Tensor, imp: torch.Tensor, kt: KType, s0
     return torch.where(ok, s, s0), None
 
 
+def _round_error(x: torch.Tensor, imp: torch.Tensor, kt: KType, s: torch.Tensor, m):
+    """Codes of ``x`` (``(..., n_sub, sub)``) rounded onto the grid of sub-block scales ``s`` (and offsets
+    ``m``, asymmetric types), and each sub-block's importance-weighted squared error."""
+    maxq = 2 ** kt.bits - 1
+    if kt.offset:
+        q = torch.clamp(torch.round((x + m[..., None]) / s[..., None]), 0, maxq)
+        return q, (imp * (s[..., None] * q - m[..., None] - x) ** 2).sum(-1)
+    q = torch.clamp(torch.round(x / s[..., None]) + kt.zero, 0, maxq)
+    return q, (imp * (s[..., None] * (q - kt.zero) - x) ** 2).sum(-1)
+
+
+def _keep_better(best: dict, err: torch.Tensor, **values) -> None:
+    """Per sub-block, keep ``values`` where ``err`` is below the best so far (``None`` values skipped)."""
+    if not best:
+        best.update(err=err, **values)
+        return
+    better = err < best["err"]
+    best["err"] = torch.where(better, err, best["err"])
+    for k, v in values.items():
+        if v is not None:
+            best[k] = torch.where(better, v, best[k])
+
+
 def _sub_search(x: torch.Tensor, kt: KType, imp: torch.Tensor):
     """Per sub-block (``x``: ``(..., n_sub, sub)``), the float scale (and minimum) with the least
     importance-weighted squared error. Candidates: the range shrunk by each of ``SHRINK``, and scales
@@ -137,25 +160,6 @@ def _sub_search(x: torch.Tensor, kt: KType, imp: torch.Tensor):
     inverse scale); each candidate's codes then get their least-squares scale (and minimum), and every
     grid is judged after rounding onto it (so the refit never loses to the candidate it came from)."""
     maxq = 2 ** kt.bits - 1
-    best = {}
-
-    def consider(s, m):
-        if kt.offset:
-            q = torch.clamp(torch.round((x + m[..., None]) / s[..., None]), 0, maxq)
-            err = (imp * (s[..., None] * q - m[..., None] - x) ** 2).sum(-1)
-        else:
-            q = torch.clamp(torch.round(x / s[..., None]) + kt.zero, 0, maxq)
-            err = (imp * (s[..., None] * (q - kt.zero) - x) ** 2).sum(-1)
-        if not best:
-            best.update(err=err, s=s, m=m)
-        else:
-            better = err < best["err"]
-            best["err"] = torch.where(better, err, best["err"])
-            best["s"] = torch.where(better, s, best["s"])
-            if m is not None:
-                best["m"] = torch.where(better, m, best["m"])
-        return q
-
     if kt.offset:
         lo0 = torch.clamp(x.amin(-1), max=0)
         hi0 = torch.clamp(x.amax(-1), min=0)
@@ -168,9 +172,12 @@ def _sub_search(x: torch.Tensor, kt: KType, imp: torch.Tensor):
         big = torch.where(big != 0, big, torch.ones_like(big))
         trials = [(-big * p / kt.zero, None) for p in SHRINK.tolist()]
         trials += [(-big / (kt.zero + k / 2), None) for k in STEPS.tolist()]
+    best = {}
     for s, m in trials:
-        q = consider(s, m)
-        consider(*_ls_refit(x, q, imp, kt, s, m))
+        q, err = _round_error(x, imp, kt, s, m)
+        _keep_better(best, err, s=s, m=m)
+        s2, m2 = _ls_refit(x, q, imp, kt, s, m)
+        _keep_better(best, _round_error(x, imp, kt, s2, m2)[1], s=s2, m=m2)
     return best["s"], best.get("m")
 
 
@@ -178,33 +185,17 @@ def _integer_neighbours(xs, imp, kt: KType, d, sc, dmin, mi):
     """Each sub-block's stored integers (scale, and minimum) moved by −1, 0 or +1 where that lowers the
     weighted error of the sub-block rounded onto the stored grid: rounding the float scale and minimum
     to integers separately is not the best integer pair, and at 2 bits the difference is large."""
-    maxq = 2 ** kt.bits - 1
     lo, hi = (1, kt.sc_max) if kt.offset else (-kt.sc_max - 1, kt.sc_max)
-    best = None
+    best = {}
     for ds in (0, -1, 1):
         c = torch.clamp(sc + ds, lo, hi)
         if not kt.offset:
             c = torch.where(c == 0, sc, c)
         for dm in ((0, -1, 1) if kt.offset else (0,)):
-            if kt.offset:
-                mm = torch.clamp(mi + dm, 0, kt.sc_max)
-                s_, z_ = (d[..., None] * c)[..., None], (dmin[..., None] * mm)[..., None]
-                q = torch.clamp(torch.round((xs + z_) / s_), 0, maxq)
-                err = (imp * (s_ * q - z_ - xs) ** 2).sum(-1)
-            else:
-                mm = None
-                s_ = (d[..., None] * c)[..., None]
-                q = torch.clamp(torch.round(xs / s_) + kt.zero, 0, maxq)
-                err = (imp * (s_ * (q - kt.zero) - xs) ** 2).sum(-1)
-            if best is None:
-                best = [err, c, mm]
-            else:
-                better = err < best[0]
-                best[0] = torch.where(better, err, best[0])
-                best[1] = torch.where(better, c, best[1])
-                if mm is not None:
-                    best[2] = torch.where(better, mm, best[2])
-    return best[1], best[2]
+            mm = torch.clamp(mi + dm, 0, kt.sc_max) if kt.offset else None
+            err = _round_error(xs, imp, kt, d[..., None] * c, None if mm is None else dmin[..., None] * mm)[1]
+            _keep_better(best, err, sc=c, mi=mm)
+    return best["sc"], best.get("mi")
 
 
 def superblock_grid(x: torch.Tensor, kt: KType | str, importance: torch.Tensor | None = None) -> KGrid:
