@@ -17,7 +17,8 @@ GPTQModel's torch kernel in float16 and returns
 * the perplexity of the same WikiText-2 test windows that our evaluator scores on the fake-quantized
   checkpoint, in float16 as GPTQModel computes (its kernels take no float32) and in float32.
 
-Results: ``benchmarks/results/gptqmodel_check.json`` (rows replaced per model and variant).
+Results: ``benchmarks/results/gptqmodel_check.json`` (rows replaced per model and variant; a variant whose
+rows are there is skipped unless ``--redo``).
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ def main(argv=None):
     ap.add_argument("--nsamples", type=int, default=8)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "gptqmodel_check.json")
     ap.add_argument("--report", action="store_true", help="print the --model's table from the results file")
+    ap.add_argument("--redo", action="store_true", help="rerun variants that already have their rows")
     args = ap.parse_args(argv)
     if args.report:
         return report(args.out, args.model)
@@ -122,6 +124,11 @@ def main(argv=None):
         if want is not None and t not in want:
             continue
         run = work / t
+        fmts = ("gptq", "gptq_v2") if sym else ("gptq_v2",)
+        have = {x["format"] for x in data["rows"] if (x["model"], x["variant"]) == (args.model, t) and "gptqmodel_ppl" in x
+                and x.get("windows") == args.windows and x.get("seqlen") == args.seqlen}
+        if not args.redo and have >= set(fmts):
+            continue    # resumable: a variant with its rows is not redone
         quantize(src, run, bits, gs, sym, args.nsamples, args.seqlen)
         ours32 = streaming_nll(run, ids, torch.device("cpu"), 4 * 2 ** 30)["ppl"]
         # GPTQModel's kernels compute in float16: our evaluator in float16 is the same-precision reference

@@ -162,9 +162,9 @@ def requantize(lib, model: Path, sd: dict, template: Path, out: Path, imat: dict
     writes them (float16 matrices, float32 norms)."""
     import gguf
     from lowmem_boa.export.gguf_file import RawGGUFTensor, gguf_name, write_llama_gguf
-    if out.exists():
-        return out
     types = tensor_types(template)
+    if out.exists() and tensor_types(out) == types:
+        return out
     floats = {gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32}
     tensors = []
     for name, w in sd.items():
@@ -241,7 +241,7 @@ class Check:
         out = {}
         for text, npy in self.npy.items():
             res = gguf_path.with_name(gguf_path.name + f".{text}.ppl.json")
-            if not res.exists():
+            if not res.exists() or res.stat().st_mtime < gguf_path.stat().st_mtime:   # the file was rewritten
                 subprocess.run([str(self.py), str(REPO / "benchmarks" / "llamacpp_eval.py"), "ppl", "--model",
                                 str(gguf_path), "--windows", str(npy), "--out", str(res)], check=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -253,9 +253,26 @@ class Check:
         return {text: streaming_nll(run, ids, torch.device("cpu"), 4 * 2 ** 30)["ppl"]
                 for text, ids in self.windows.items()}
 
+    def fresh(self, name: str, gguf_path: Path) -> bool:
+        """Whether the row ``name`` describes ``gguf_path`` as it is now; a row of an earlier file whose
+        embedding had another type (before ``--kquant-embedding``'s default: F16) is kept, renamed."""
+        old = self.row(name)
+        if old is None:
+            return False
+        emb = tensor_types(gguf_path)["token_embd.weight"].name
+        was = old.get("embedding") or ("F16" if "F16" in old.get("tensor_types", []) else None)
+        if was is None or was == emb:
+            return True
+        self.data = json.loads(OUT.read_text())
+        self.data["rows"] = [r for r in self.data["rows"] if r["name"] not in (name, f"{name} (embedding {was})")]
+        self.data["rows"].append({**old, "name": f"{name} (embedding {was})", "embedding": was})
+        OUT.write_text(json.dumps(self.data, indent=1))
+        return False
+
     def record(self, name: str, gguf_path: Path, **extra):
-        if self.row(name) is None:
+        if not self.fresh(name, gguf_path):
             row = {"name": name, "bytes": gguf_path.stat().st_size, **extra,
+                   "embedding": tensor_types(gguf_path)["token_embd.weight"].name,
                    "llamacpp_ppl": self.llama_ppl(gguf_path), "windows": self.args.windows, "seqlen": 512}
             self.save_row(row)
             print(json.dumps(row), flush=True)
@@ -296,6 +313,8 @@ def main(argv=None):
     calib = calibration_windows(tok, load_source("wikitext2", "train", SHARED / "data"), args.nsamples, args.seqlen,
                                 args.seed)
     imat = imatrix(ck.model, calib, WORK / f"imatrix-{args.nsamples}x{args.seqlen}-s{args.seed}.npz")
+    from lowmem_boa.solvers.kquant import embedding_type
+    emb = embedding_type(None, json.loads((ck.model / "config.json").read_text())["hidden_size"])
     for kq in args.types.split(","):
         # llama.cpp's own file type, without and with the importance matrix
         own = WORK / f"llama-{kq}.gguf"
@@ -306,7 +325,7 @@ def main(argv=None):
         check = requantize(lib, ck.model, sd, own, WORK / f"llama-{kq}-requant.gguf", None)
         reproduced = same_tensor_data(check, own)
         types = {str(t.name) for t in tensor_types(own).values()}
-        if ck.row(f"llama.cpp {kq} (own types)") is None:   # also scored by our evaluator (dequantized)
+        if not ck.fresh(f"llama.cpp {kq} (own types)", own):   # also scored by our evaluator (dequantized)
             from lowmem_boa.export.gguf_file import gguf_to_hf
             back = gguf_to_hf(own, WORK / f"llama-{kq}-hf")
             ck.record(f"llama.cpp {kq} (own types)", own, type=kq, source="llama.cpp", imatrix=False,
@@ -320,17 +339,19 @@ def main(argv=None):
         for method in args.methods.split(","):
             run = WORK / f"{method}-{kq}{'-mix' if args.mix else ''}-n{args.nsamples}x{args.seqlen}-s{args.seed}"
             name = f"{method} {kq}{mix}"
-            if not (run / "gguf" / "model.gguf").exists():
-                t0 = time.perf_counter()
+            ours_file = run / "gguf" / "model.gguf"
+            stale = ours_file.exists() and tensor_types(ours_file)["token_embd.weight"].name.lower() != emb
+            if not ours_file.exists() or stale:   # stale: a run before --kquant-embedding (F16): rerun, which
+                t0 = time.perf_counter()          # rewrites the checkpoint and the file (its blocks are kept)
                 subprocess.run([sys.executable, str(REPO / "run_quant.py"), "--model", str(ck.model), "--method",
                                 method, "--kquant", kq, "--export", "gguf", "--nsamples", str(args.nsamples),
                                 "--seqlen", str(args.seqlen), "--seed", str(args.seed), "--calib", "wikitext2",
                                 "--data-dir", str(SHARED / "data"), "--device", "cpu", "--output", str(run),
                                 "--no-progress", *[a for k, t in over.items() for a in ("--kquant-type", f"{k}={t}")]],
                                check=True, stdout=subprocess.DEVNULL)
-                (run / "quant_seconds.txt").write_text(f"{time.perf_counter() - t0:.1f}")
-            ours_file = run / "gguf" / "model.gguf"
-            if ck.row(name) is None:
+                if not stale:
+                    (run / "quant_seconds.txt").write_text(f"{time.perf_counter() - t0:.1f}")
+            if not ck.fresh(name, ours_file):
                 same, total = bit_exact(run)
                 ck.record(name, ours_file, type=kq, source=method, imatrix=None, bit_exact_tensors=same, kquant_types=over,
                           quantized_tensors=total, ours_ppl=ck.ours_ppl(run),

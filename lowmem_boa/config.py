@@ -86,6 +86,9 @@ class QuantConfig:
                                     # sets the bit width, no scale refinement (the stored sub-scales are the grid)
     kquant_types: dict | None = None  # per-layer GGUF types over --kquant ({"mlp.down_proj": "q3_k"}), as
                                     # llama-quantize's --tensor-type (llama.cpp's own Q2_K file: ffn_down Q3_K)
+    kquant_embedding: str | None = None  # GGUF type of the token embedding / output head (rounded, no Hessian):
+                                    # None = auto (llama.cpp's: Q6_K, Q8_0 where rows are not 256s); "float" keeps
+                                    # the source precision. Not in the run's key: the blocks do not depend on it
     percdamp: float = 0.01
     block_size: int = 128
     calib: str = "wikitext2"
@@ -107,6 +110,10 @@ class QuantConfig:
             from .solvers.kquant import KTYPES
             self.kquant_types = {str(k): KTYPES[str(v).lower()].name if str(v).lower() in KTYPES else str(v)
                                  for k, v in self.kquant_types.items()}
+        if self.kquant_embedding is not None:
+            self.kquant_embedding = str(self.kquant_embedding).lower()
+            if self.kquant_embedding == "auto":
+                self.kquant_embedding = None
         if self.grid_coarse is None:
             self.grid_coarse = BOA_GRID_COARSE if self.method == "boa" else 1
 
@@ -165,6 +172,13 @@ class QuantConfig:
             bad = [f"{k}={v}" for k, v in self.kquant_types.items() if v not in KTYPES]
             if bad:
                 raise ValueError(f"--kquant-type {', '.join(bad)}: the type must be one of {', '.join(KTYPES)}")
+        if self.kquant_embedding is not None:
+            from .solvers.kquant import EMBEDDING_TYPES
+            if self.kquant is None:
+                raise ValueError("--kquant-embedding sets the GGUF embedding type of a --kquant run: add --kquant")
+            if self.kquant_embedding not in EMBEDDING_TYPES:
+                raise ValueError(f"--kquant-embedding must be one of {', '.join(EMBEDDING_TYPES)}, "
+                                 f"got {self.kquant_embedding!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
 
@@ -180,8 +194,10 @@ class QuantConfig:
         """``as_dict`` without the options added after runs were first keyed by it, where they hold
         the value that reproduces the code before them, and without options that do not act on this
         configuration (``fp_alpha`` without fp targets, BoA's row options for GPTQ/RTN): a run started
-        before an option existed resumes under the code that has it (given the flags that reproduce it)."""
+        before an option existed resumes under the code that has it (given the flags that reproduce it).
+        ``kquant_embedding`` acts only on the final write, never on the blocks: not in the key."""
         d = asdict(self)
+        d.pop("kquant_embedding")      # written after the blocks: a finished run rerun with another rewrites it
         if not self.fp_targets:
             d.pop("fp_alpha")
         if self.method != "boa":

@@ -162,6 +162,12 @@ def prepare_run(qc: QuantConfig, ro: RunOptions, console: Console | None = None)
                          + ", ".join(f"{n.rsplit('.', 1)[-1]} {t}" for n, t in fallback.items()))
         if any(f != "gguf" for f in ro.export):
             raise ValueError("--kquant runs export only to gguf (their grids are llama.cpp's, not GPTQ's)")
+        from .solvers.kquant import embedding_type
+        emb = embedding_type(qc.kquant_embedding, adapter.heads.hidden_size)
+        notes.append(f"--kquant {qc.kquant}: token embedding" + ("" if config.tie_word_embeddings else " and output head")
+                     + (f" rounded to {emb} (no Hessian" + ("; llama.cpp's choice, --kquant-embedding to change)"
+                                                           if qc.kquant_embedding is None else ")")
+                        if emb else " kept in the source precision"))
     if "gguf" in ro.export:
         from .export.gguf_file import check_gguf_exportable
         if not qc.kquant:
@@ -350,8 +356,12 @@ def _run(prep: PreparedRun, console: Console) -> dict:
 
     if ro.fake_quant:
         console.note("writing the Hugging Face checkpoint")
+        emb = None
+        if qc.kquant:
+            from .solvers.kquant import embedding_type
+            emb = embedding_type(qc.kquant_embedding, adapter.heads.hidden_size)
         files = export_fake_quant(output, prep.model_dir, prep.config, _export_tensors(model, reader, state, adapter,
-                                                                                      prep.dtype), prep.dtype)
+                                                                                      prep.dtype, emb), prep.dtype)
     else:
         files = export_fake_quant(output, prep.model_dir, prep.config, iter(()), prep.dtype, config_only=True)
     report = {
@@ -377,13 +387,17 @@ def _run(prep: PreparedRun, console: Console) -> dict:
     return report
 
 
-def _export_tensors(model, reader: CheckpointReader, state: RunState, adapter, dtype):
-    """``(name, tensor)`` for the exported checkpoint in state-dict order, one block at a time."""
+def _export_tensors(model, reader: CheckpointReader, state: RunState, adapter, dtype, embedding_type=None):
+    """``(name, tensor)`` for the exported checkpoint in state-dict order, one block at a time; with
+    ``embedding_type`` (a GGUF type, ``--kquant``) the token embedding and output head as that type
+    dequantizes them (``solvers.kquant.quantize_tensor`` of the source weight, as the GGUF writer stores it)."""
     names = list(model.state_dict().keys())
     prefix = adapter.blocks_prefix + "."
     tied = getattr(model.config, "tie_word_embeddings", False)
     out_emb = model.get_output_embeddings()
-    head_name = next((n for n, p in model.named_parameters(remove_duplicate=False) if p is out_emb.weight), None)
+    params = list(model.named_parameters(remove_duplicate=False))
+    head_name = next((n for n, p in params if p is out_emb.weight), None)
+    emb_names = {n for n, p in params if p is model.get_input_embeddings().weight or p is out_emb.weight}
     current, cache = None, {}
     for n in names:
         if tied and n == head_name:
@@ -399,4 +413,7 @@ def _export_tensors(model, reader: CheckpointReader, state: RunState, adapter, d
             if key is None:
                 continue  # non-persistent or derived (e.g. rotary frequencies)
             t = reader.get(key)
+            if embedding_type and n in emb_names:
+                from .solvers.kquant import quantize_tensor
+                t = quantize_tensor(t, embedding_type)[2]
             yield n, t.to(dtype) if t.is_floating_point() else t

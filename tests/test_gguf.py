@@ -214,15 +214,18 @@ def _run(args, timeout=900):
 
 
 @needs_shared
-@pytest.mark.parametrize("method,kq,hidden,over", [("boa", "q2_k", 256, {"mlp.down_proj": "q3_k", "self_attn.v_proj": "q8_0"}),
-                                                   ("gptq", "q4_k", 256, {}), ("boa", "q3_k", 96, {}),
-                                                   ("gptq", "q6_k", 96, {})])
-def test_run_quant_kquant_exports_a_gguf_that_evaluates_like_the_run(tmp_path, method, kq, hidden, over):
+@pytest.mark.parametrize("method,kq,hidden,over,emb", [
+    ("boa", "q2_k", 256, {"mlp.down_proj": "q3_k", "self_attn.v_proj": "q8_0"}, None),
+    ("gptq", "q4_k", 256, {}, "q4_k"), ("boa", "q3_k", 96, {}, None), ("gptq", "q6_k", 96, {}, "float")])
+def test_run_quant_kquant_exports_a_gguf_that_evaluates_like_the_run(tmp_path, method, kq, hidden, over, emb):
     """``run_quant.py --kquant TYPE --export gguf``: the GGUF file's weights are the fake-quantized
     checkpoint's bit for bit (so run_eval.py gives the same perplexity on both), the run state keeps
     the stored fields, and a run whose last block file is damaged resumes to the same file. With a
     hidden size of 96 every layer but down_proj falls back to its 32-column type (Q4_0, Q8_0);
-    ``--kquant-type LAYER=TYPE`` gives a layer of every block its own type (llama.cpp's type mixtures)."""
+    ``--kquant-type LAYER=TYPE`` gives a layer of every block its own type (llama.cpp's type mixtures).
+    The token embedding (tied head) is rounded to llama.cpp's output-head type by default (Q6_K; Q8_0
+    where the hidden size is not a multiple of 256), in the checkpoint as in the file, or
+    ``--kquant-embedding TYPE`` / ``float``."""
     import gguf
     model = _llama256(tmp_path / "m", hidden=hidden)
     out = tmp_path / "q"
@@ -230,6 +233,8 @@ def test_run_quant_kquant_exports_a_gguf_that_evaluates_like_the_run(tmp_path, m
             "--data-dir", DATA, "--device", "cpu", "--output", str(out), "--export", "gguf", "--no-progress"]
     for layer, t in over.items():
         args += ["--kquant-type", f"{layer}={t}"]
+    if emb:
+        args += ["--kquant-embedding", emb]
     r = _run(args)
     assert r.returncode == 0, r.stderr[-3000:]
     gguf_file = out / "gguf" / "model.gguf"
@@ -238,6 +243,8 @@ def test_run_quant_kquant_exports_a_gguf_that_evaluates_like_the_run(tmp_path, m
     assert types["blk.0.ffn_down.weight"] == over.get("mlp.down_proj", kq)
     assert types["blk.0.attn_v.weight"] == over.get("self_attn.v_proj", kq if hidden % 256 == 0 else fallback)
     assert types["blk.0.attn_q.weight"] == (kq if hidden % 256 == 0 else fallback)
+    assert types["token_embd.weight"] == {None: "q6_k" if hidden % 256 == 0 else "q8_0", "float": "f32"}.get(emb, emb)
+    assert "output.weight" not in types                  # tied: llama.cpp uses token_embd for the head
     fake = load_file(out / "model.safetensors")
     back = load_file(gguf_to_hf(gguf_file, tmp_path / "back") / "model.safetensors")
     for k, v in fake.items():
@@ -261,7 +268,13 @@ def test_kquant_refusals_come_before_any_work(tmp_path):
     for extra, msg in ((["--export", "gguf"], "add --kquant"), (["--kquant", "q4_k", "--export", "gptq"], "only to gguf"),
                        (["--kquant", "q4_k", "--sym"], "cannot be combined with --sym"),
                        (["--kquant", "q9_k"], "--kquant must be one of"),
-                       (["--kquant", "q4_k", "--kquant-type", "mlp.nope=q3_k"], "no layer mlp.nope")):
+                       (["--kquant", "q4_k", "--kquant-type", "mlp.nope=q3_k"], "no layer mlp.nope"),
+                       (["--kquant-embedding", "q8_0"], "add --kquant"),
+                       (["--kquant", "q4_k", "--kquant-embedding", "q9_0"], "--kquant-embedding must be one of")):
         out = tmp_path / ("o" + str(abs(hash(msg)) % 1000))
         r = _run(["--model", str(model), "--output", str(out), *base, *extra])
         assert r.returncode == 2 and msg in r.stderr and not out.exists(), (extra, r.stderr[-1500:])
+    model = _llama256(tmp_path / "m3", hidden=96)
+    r = _run(["--model", str(model), "--kquant", "q4_k", "--kquant-embedding", "q6_k", "--output", str(tmp_path / "b"),
+              *base])
+    assert r.returncode == 2 and "--kquant-embedding q6_k" in r.stderr and not (tmp_path / "b").exists(), r.stderr

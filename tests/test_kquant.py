@@ -237,3 +237,37 @@ def test_grid_search_beats_plain_range_search_with_outlier_importance(name):
     ours = float((imp * (w - x) ** 2).sum())
     plain = _plain_grid_error(x, name, imp)
     assert ours < 0.9 * plain, (ours, plain)
+
+
+@pytest.mark.parametrize("name", ["q8_0", "q6_k", "q4_k", "q4_0", "q2_k"])
+def test_embedding_rounding_is_what_the_file_stores_and_no_worse_than_llama_cpp(name):
+    """``quantize_tensor`` (the embedding / output head under ``--kquant-embedding``): the GGUF blocks
+    it stores dequantize (``gguf`` reader) to exactly its weight, the same input gives the same bytes,
+    and for Q8_0 its error is never above llama.cpp's reference rounding (``d = amax / 127``, rounded
+    to nearest), which is one of the grids it searches."""
+    from lowmem_boa.export.gguf_file import KQuantTensor
+    from lowmem_boa.solvers.kquant import quantize_tensor
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(40, 512, generator=g) * 0.02
+    w[3, 17] = 0.5                                    # an outlier, as embeddings have
+    codes, fields, deq = quantize_tensor(w, name)
+    raw, qtype = KQuantTensor(codes, fields).blocks()
+    assert qtype.name.lower() == name
+    back = gguf.quants.dequantize(raw, qtype).reshape(w.shape)
+    assert np.array_equal(back, deq.numpy())
+    assert torch.equal(quantize_tensor(w.clone(), name)[0], codes)
+    if name == "q8_0":
+        x = w.reshape(-1, 32)
+        d = (x.abs().amax(-1, keepdim=True) / 127).to(torch.float16).float()
+        ref = torch.round(x / d).clamp(-128, 127) * d
+        assert float((deq.reshape(-1, 32) - x).pow(2).sum()) <= float((ref - x).pow(2).sum()) * (1 + 1e-6)
+    with pytest.raises(ValueError, match="not a multiple"):
+        quantize_tensor(w[:, :96], "q6_k")
+
+
+def test_embedding_type_rule():
+    from lowmem_boa.solvers.kquant import embedding_type
+    assert embedding_type(None, 576) == "q8_0" and embedding_type("auto", 4096) == "q6_k"   # llama.cpp's output head
+    assert embedding_type("float", 576) is None and embedding_type("Q4_0", 576) == "q4_0"
+    with pytest.raises(ValueError, match="--kquant-embedding q6_k"):
+        embedding_type("q6_k", 576)

@@ -104,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--kquant-type", action="append", default=None, metavar="LAYER=TYPE", type=_kquant_pair,
                    help="with --kquant: this layer of every block in another GGUF type (repeatable), as "
                    "llama-quantize's --tensor-type; e.g. mlp.down_proj=q3_k (what llama.cpp's own Q2_K files do)")
+    m.add_argument("--kquant-embedding", default=None, metavar="TYPE",
+                   help="with --kquant: GGUF type of the token embedding and output head, rounded without a Hessian "
+                   "(default auto: llama.cpp's, Q6_K, or Q8_0 where the hidden size is not a multiple of 256; "
+                   "float: the source precision; or any type --kquant-type takes)")
     m.add_argument("--percdamp", type=float, default=0.01)
     m.add_argument("--block-size", type=int, default=128, help="lazy-update block of the OPTQ sweep")
     m.add_argument("--dtype", choices=DTYPES, default="auto", help="compute/export dtype (default: checkpoint's)")
@@ -171,6 +175,7 @@ def parse(argv=None):
                      refine_scales=args.refine_scales, joint_rows=args.joint_rows,
                      grid_coarse=args.grid_coarse, mlp_row_hessian=args.mlp_row_hessian, kquant=args.kquant,
                      kquant_types=dict(args.kquant_type) if args.kquant_type else None,
+                     kquant_embedding=args.kquant_embedding,
                      mlp_row_group=args.mlp_row_group, mlp_row_damp=args.mlp_row_damp,
                      block_size=args.block_size, calib=args.calib, calib_file=args.calib_file,
                      nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, dtype=args.dtype)

@@ -156,15 +156,30 @@ def export_run(run_dir: str | Path, fmt: str, out_dir: str | Path, checkpoint_fo
 
 
 def export_gguf(run_dir: Path, out_dir: Path, info: dict) -> Path:
-    """``OUT/model.gguf``: every quantized linear as its k-quant blocks, the other tensors in the source
-    model's precision (float16: F16, bfloat16: BF16, else F32; lossless either way, as llama.cpp's
-    converter writes them), with the source model's tokenizer and hyper-parameters."""
+    """``OUT/model.gguf``: every quantized linear as its k-quant blocks, the token embedding and output
+    head in their ``--kquant-embedding`` type (rounded from the source weight, as the run's checkpoint
+    holds them), the other tensors in the source model's precision (float16: F16, bfloat16: BF16, else
+    F32; lossless either way, as llama.cpp's converter writes them), with the source model's tokenizer
+    and hyper-parameters."""
+    from ..solvers.kquant import embedding_type, quantize_tensor
     from .gguf_file import KQuantTensor, write_llama_gguf
     config = load_config(str(run_dir))
     adapter = get_adapter(config)
     float_type = {"float16": "f16", "bfloat16": "bf16"}.get(_float_dtype(run_dir, info), "f32")
+    emb = embedding_type(info["config"].get("kquant_embedding"), adapter.heads.hidden_size)
+    source = info.get("source_model_dir")
+    if emb and not (source and (Path(source) / "config.json").is_file()):
+        raise ExportError(f"the GGUF embedding ({emb}) is rounded from the source model's weight, and the run's "
+                          f"source model ({source}) is not there")
+    src = CheckpointReader(source) if emb else None
+
     def tensors():
-        yield from _non_block_tensors(run_dir, adapter, info.get("source_model_dir"))
+        for name, t in _non_block_tensors(run_dir, adapter, source):
+            if emb and name in ("model.embed_tokens.weight", "lm_head.weight"):   # as the checkpoint holds it
+                codes, fields, _ = quantize_tensor(src.get(src.resolve(name)), emb)
+                yield name, KQuantTensor(codes, fields)
+            else:
+                yield name, t
         for name, kind_, t in _layers(run_dir, config, adapter, info.get("state_dir")):
             if kind_ == "plain":
                 yield name, t

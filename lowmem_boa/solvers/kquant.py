@@ -75,6 +75,25 @@ def layer_type(kquant: str, in_features: int, name: str | None = None, overrides
     if in_features % kt.block == 0:
         return kt.name
     return FALLBACK[kt.name] if not kt.legacy and in_features % 32 == 0 else None
+EMBEDDING_TYPES = ("auto", "float") + tuple(KTYPES)   # what --kquant-embedding accepts
+
+
+def embedding_type(choice: str | None, cols: int) -> str | None:
+    """The GGUF type of the token embedding / output head (``cols`` = hidden size) under
+    ``--kquant-embedding``: ``auto`` (None) is llama.cpp's choice for the output head, Q6_K, or Q8_0 where
+    the rows are not a multiple of 256; ``float`` keeps the source precision (returns None)."""
+    choice = (choice or "auto").lower()
+    if choice == "float":
+        return None
+    if choice == "auto":
+        return "q6_k" if cols % QK_K == 0 else "q8_0"
+    kt = ktype(choice)
+    if cols % kt.block:
+        raise ValueError(f"--kquant-embedding {kt.name}: the embedding's rows ({cols} columns) are not a multiple of "
+                         f"{kt.block}; choose a 32-column type (q8_0, q5_0, q4_0) or auto")
+    return kt.name
+
+
 SHRINK = torch.linspace(1.0, 0.7, 13)   # range fractions tried per sub-block
 STEPS = torch.arange(-4, 9) / 4.0        # levels added to the full range's scale (llama.cpp-like steps)
 
@@ -254,3 +273,26 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, kt: KType
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, kt: KType) -> torch.Tensor:
     """``s q − m`` (asymmetric) or ``s (q − z)`` (symmetric), in llama.cpp's float32 arithmetic."""
     return scale * codes - zero if kt.offset else scale * (codes - zero)
+
+
+def quantize_tensor(w: torch.Tensor, kt: KType | str) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """Round a whole matrix ``(R, C)`` onto a GGUF type with no Hessian (the embedding / output head:
+    each block's grid searched with equal column weights, as ``superblock_grid`` does for the solvers):
+    ``(codes (R, C), stored fields {type, sc, m, d, dmin} per block, dequantized float32 weight)``.
+    Deterministic: the same weight gives the same bytes (the pipeline's checkpoint and the GGUF writer
+    each call it on the source weight)."""
+    kt = ktype(kt) if isinstance(kt, str) else kt
+    R, C = w.shape
+    if C % kt.block:
+        raise ValueError(f"{kt.name}: {C} columns are not a multiple of its {kt.block}-column blocks")
+    x = w.float().reshape(R, C // kt.block, kt.block)
+    codes, deq, fields = torch.empty_like(x), torch.empty_like(x), {"sc": [], "m": [], "d": [], "dmin": []}
+    step = max(1, 2 ** 22 // C)            # rows per slice: bounded memory for a 150 k-row vocabulary
+    for r0 in range(0, R, step):
+        g = superblock_grid(x[r0:r0 + step], kt)
+        q = quantize(x[r0:r0 + step], g.scale, g.zero, kt)
+        codes[r0:r0 + step], deq[r0:r0 + step] = q, dequantize(q, g.scale, g.zero, kt)
+        for k in fields:
+            fields[k].append(getattr(g, k))
+    fields = {k: (None if v[0] is None else torch.cat(v)) for k, v in fields.items()}
+    return codes.reshape(R, C), {"type": kt.name, **fields}, deq.reshape(R, C)
