@@ -290,6 +290,8 @@ def main(argv=None):
                     help="our runs with llama.cpp's own per-layer types of each file type (--kquant-type for the "
                     "layers its mixture promotes, e.g. ffn_down Q3_K in a Q2_K file) instead of one type")
     ap.add_argument("--report", action="store_true")
+    ap.add_argument("--tokenizer", action="store_true", help="only: llama.cpp's tokenization of our GGUF against the "
+                    "model's own tokenizer (pre-tokenizer names)")
     ap.add_argument("--out", type=Path, default=None, help="results file (default benchmarks/results/llamacpp_check.json)")
     ap.add_argument("--work", type=Path, default=None, help="work directory (default benchmarks/_work/llamacpp)")
     args = ap.parse_args(argv)
@@ -301,6 +303,8 @@ def main(argv=None):
     from lowmem_boa.data import calibration_windows, load_source
     from lowmem_boa.export.gguf_file import write_llama_gguf
     ck = Check(args)
+    if args.tokenizer:
+        return tokenizer_check(ck)
     lib = libggml()
     sd = fp_weights(ck.model)
     f16 = WORK / "smollm2-f16.gguf"
@@ -365,6 +369,66 @@ def main(argv=None):
                           source="llama.cpp", imatrix=use_im,
                           tensor_types=sorted({str(t.name) for t in tensor_types(ours_file).values()}))
     report()
+
+
+def tokenizer_check(ck) -> None:
+    """llama.cpp's tokenization of WikiText-2 test and C4 text (the first 300,000 characters / 200 documents)
+    with our GGUF's vocabulary and pre-tokenizer name against the model's own (Hugging Face) tokenizer:
+    SmolLM2's tokenizer as built here (GPT-2's byte-level regex), and two variants of its tokenizer.json
+    (SmolLM's original digits + byte level; Llama 3's split regex), each written by ``write_llama_gguf``
+    with the name it detects, and the name written before that detection ("default")."""
+    import copy
+    from transformers import AutoTokenizer
+    import lowmem_boa.export.gguf_file as gf
+    texts = {"wikitext2": (SHARED / "data" / "wikitext2" / "test.txt").read_text()[:300_000],
+             "c4": "\n\n".join(json.loads(line)["text"] for line in
+                                (SHARED / "data" / "c4" / "validation-shard0-first1025.jsonl").read_text().splitlines()[:200])}
+    tdir = WORK / "tokenizer"
+    tdir.mkdir(exist_ok=True)
+    for name, text in texts.items():
+        (tdir / f"{name}.txt").write_text(text)
+    base = json.loads((ck.model / "tokenizer.json").read_text())
+    variants = {"as built": base["pre_tokenizer"],
+                "digits + byte level": {"type": "Sequence", "pretokenizers": [
+                    {"type": "Digits", "individual_digits": True}, base["pre_tokenizer"]]},
+                "llama 3 split": {"type": "Sequence", "pretokenizers": [
+                    {"type": "Split", "pattern": {"Regex": gf.LLAMA3_SPLIT}, "behavior": "Isolated", "invert": False},
+                    {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}}
+    sd = fp_weights(ck.model)
+    for label, pre in [*variants.items(), ("as built, written as 'default'", base["pre_tokenizer"])]:
+        d = tdir / label.replace(" ", "_").replace(",", "").replace("'", "")
+        d.mkdir(exist_ok=True)
+        for f in ck.model.iterdir():
+            if f.name != "tokenizer.json" and not (d / f.name).exists():
+                (d / f.name).symlink_to(f)
+        tok = copy.deepcopy(base)
+        tok["pre_tokenizer"] = pre
+        (d / "tokenizer.json").write_text(json.dumps(tok))
+        name = gf.pre_tokenizer_name(tok) if "default" not in label else "default"
+        path = d / "model.gguf"
+        orig = gf.check_gguf_tokenizer
+        gf.check_gguf_tokenizer = lambda _dir, name=name: name
+        try:
+            gf.write_llama_gguf(d, path, sd.items())
+        finally:
+            gf.check_gguf_tokenizer = orig
+        hf = AutoTokenizer.from_pretrained(d)
+        row = {"name": f"tokenizer: {label}", "pre": name, "texts": {}}
+        for tname in texts:
+            out = d / f"{tname}.npy"
+            subprocess.run([str(ck.py), str(REPO / "benchmarks" / "llamacpp_eval.py"), "tokenize", "--model", str(path),
+                            "--text", str(tdir / f"{tname}.txt"), "--out", str(out)], check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            a = np.asarray(hf((tdir / f"{tname}.txt").read_text(), add_special_tokens=False)["input_ids"])
+            b = np.load(out)
+            n = min(len(a), len(b))
+            diff = np.nonzero(a[:n] != b[:n])[0]
+            row["texts"][tname] = {"hf_tokens": int(len(a)), "llamacpp_tokens": int(len(b)),
+                                   "equal": bool(len(a) == len(b) and len(diff) == 0),
+                                   "first_difference": int(diff[0]) if len(diff) else (None if len(a) == len(b) else n)}
+        path.unlink()
+        ck.save_row(row)
+        print(json.dumps(row), flush=True)
 
 
 def report():

@@ -3,6 +3,7 @@ source, its vendored llama.cpp). Driven by ``benchmarks/llamacpp_check.py``:
 
     VENV/bin/python benchmarks/llamacpp_eval.py ppl --model m.gguf --windows ids.npy --out r.json
     VENV/bin/python benchmarks/llamacpp_eval.py quantize --model f16.gguf --type q2_k --out q.gguf
+    VENV/bin/python benchmarks/llamacpp_eval.py tokenize --model m.gguf --text t.txt --out ids.npy
 
 ``ppl``: perplexity of token windows (``(N, L)`` int array, the ids our evaluator scores: non-overlapping,
 no BOS added, every next-token prediction of each window counted -- GPTQ's protocol, which
@@ -12,6 +13,9 @@ from an empty KV cache in one batch of ``L`` with all logits kept.
 ``quantize``: llama.cpp's own quantizer (``llama_model_quantize``, what ``llama-quantize in.gguf out.gguf
 TYPE`` does, without an importance matrix: the Python binding cannot pass one), with llama.cpp's
 per-tensor type choices for that file type. Prints the file's tensor types.
+
+``tokenize``: llama.cpp's tokenization of a text file with the file's vocabulary (no BOS, special tokens
+not parsed), as ``.npy`` ids.
 """
 
 from __future__ import annotations
@@ -67,11 +71,20 @@ def quantize(src: str, dst: str, qtype: str, threads: int) -> dict:
     return {"ftype": FTYPES[qtype], "seconds": time.perf_counter() - t0, "bytes": Path(dst).stat().st_size}
 
 
+def tokenize(model: str, text: str, out: str) -> dict:
+    from llama_cpp import Llama
+    llm = Llama(model_path=model, vocab_only=True, verbose=False)
+    ids = llm.tokenize(Path(text).read_text().encode(), add_bos=False, special=False)
+    np.save(out, np.asarray(ids, dtype=np.int64))
+    return {"tokens": len(ids)}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=("ppl", "quantize"))
+    ap.add_argument("mode", choices=("ppl", "quantize", "tokenize"))
     ap.add_argument("--model", required=True)
     ap.add_argument("--windows", help="ppl: .npy of (N, L) token ids")
+    ap.add_argument("--text", help="tokenize: a text file")
     ap.add_argument("--type", help="quantize: q2_k, q3_k (Q3_K_M), q4_k (Q4_K_M), ...")
     ap.add_argument("--out", required=True)
     ap.add_argument("--threads", type=int, default=1)
@@ -79,6 +92,8 @@ def main(argv=None):
     if args.mode == "ppl":
         res = perplexity(args.model, np.load(args.windows), args.threads)
         Path(args.out).write_text(json.dumps(res, indent=1))
+    elif args.mode == "tokenize":
+        res = tokenize(args.model, args.text, args.out)
     else:
         res = quantize(args.model, args.out, args.type, args.threads)
     print(json.dumps(res))

@@ -169,11 +169,13 @@ def prepare_run(qc: QuantConfig, ro: RunOptions, console: Console | None = None)
                                                            if qc.kquant_embedding is None else ")")
                         if emb else " kept in the source precision"))
     if "gguf" in ro.export:
-        from .export.gguf_file import check_gguf_exportable
+        from .export.gguf_file import check_gguf_exportable, check_gguf_tokenizer
         if not qc.kquant:
             raise ValueError("--export gguf writes weights solved on llama.cpp's grids: add --kquant TYPE "
                              "(q2_k, q3_k, q4_k, q5_k, q6_k)")
         check_gguf_exportable(config.to_dict())
+        if model_dir is not None:
+            check_gguf_tokenizer(model_dir)
     if not ro.fake_quant and not ro.export:
         ro.export = ["packed"]
         notes.append("--no-fake-quant: writing the packed checkpoint (OUTPUT/packed) as the final form")

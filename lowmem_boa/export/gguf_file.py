@@ -6,7 +6,8 @@ model, and the way back to a Hugging Face directory.
 llama.cpp's rotary layout (within each head, the two halves interleaved), norms in float32, the other
 tensors in float16, bfloat16 or float32, the tied output head omitted, the hyper-parameters llama.cpp reads
 and the tokenizer (byte-level BPE, ``tokenizer.ggml.model = gpt2``: tokens, types, merges, special
-ids, chat template). Weights solved on a k-quant grid (``KQuantTensor``: codes and stored fields
+ids, chat template; the pre-tokenizer named as llama.cpp names it, so that it splits text as the
+model's tokenizer does). Weights solved on a k-quant grid (``KQuantTensor``: codes and stored fields
 from ``gptq_quantize`` / ``boa_quantize`` with ``kquant=``) are written as their GGUF blocks, q/k rows
 permuted with their fields; the float16 file is also what llama.cpp's own quantizer starts from.
 
@@ -86,15 +87,50 @@ def check_gguf_exportable(cfg: dict) -> None:
         raise GGUFExportError("GGUF export: attention/MLP biases are not written yet")
 
 
-def _tokenizer_kv(writer, model_dir: Path) -> None:
-    import gguf
-    tok_file = model_dir / "tokenizer.json"
+# llama.cpp's name for a byte-level BPE pre-tokenizer (``tokenizer.ggml.pre``): it splits text with the
+# regexes of that name, and a wrong name tokenizes differently from the model's own tokenizer (SmolLM2 as
+# "default": 86,357 tokens for text it encodes in 74,508; benchmarks/llamacpp_check.py --tokenizer)
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def pre_tokenizer_name(tok: dict) -> str:
+    """``tokenizer.json``'s pre-tokenizer as llama.cpp names it: byte-level with GPT-2's regex ("gpt-2"),
+    single digits then GPT-2's regex (SmolLM's original tokenizer: "smollm"), Llama 3's split regex
+    ("llama-bpe"); anything else is refused (llama.cpp's converter refuses what it does not know)."""
+    pre = tok.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    kinds = [p.get("type") for p in parts]
+    if kinds == ["ByteLevel"] and parts[0].get("use_regex", True) and not parts[0].get("add_prefix_space"):
+        return "gpt-2"
+    if (kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits")
+            and parts[1].get("use_regex", True) and not parts[1].get("add_prefix_space")):
+        return "smollm"
+    if (kinds == ["Split", "ByteLevel"] and parts[0].get("pattern", {}).get("Regex") == LLAMA3_SPLIT
+            and not parts[1].get("use_regex", True)):
+        return "llama-bpe"
+    raise GGUFExportError(f"GGUF export: the tokenizer's pre-tokenizer ({', '.join(map(str, kinds)) or 'none'}) is not "
+                          "one llama.cpp names here (GPT-2 byte level, SmolLM's digits + byte level, Llama 3's split); "
+                          "llama.cpp would tokenize text differently from the model's own tokenizer")
+
+
+def check_gguf_tokenizer(model_dir: str | Path) -> str:
+    """The llama.cpp pre-tokenizer name of ``model_dir``'s tokenizer, or a clear error (before any work)."""
+    tok_file = Path(model_dir) / "tokenizer.json"
     if not tok_file.is_file():
         raise GGUFExportError(f"{model_dir}: no tokenizer.json to write into the GGUF")
     tok = json.loads(tok_file.read_text())
-    model = tok.get("model", {})
-    if model.get("type") != "BPE":
-        raise GGUFExportError(f"GGUF export writes byte-level BPE tokenizers; this one is '{model.get('type')}'")
+    if tok.get("model", {}).get("type") != "BPE":
+        raise GGUFExportError(f"GGUF export writes byte-level BPE tokenizers; this one is "
+                              f"'{tok.get('model', {}).get('type')}'")
+    return pre_tokenizer_name(tok)
+
+
+def _tokenizer_kv(writer, model_dir: Path) -> None:
+    import gguf
+    pre = check_gguf_tokenizer(model_dir)
+    tok = json.loads((model_dir / "tokenizer.json").read_text())
+    model = tok["model"]
     vocab = dict(model["vocab"])
     added = {t["content"]: t for t in tok.get("added_tokens", [])}
     for content, t in added.items():
@@ -107,7 +143,7 @@ def _tokenizer_kv(writer, model_dir: Path) -> None:
         types[i] = (gguf.TokenType.CONTROL if t.get("special") else gguf.TokenType.USER_DEFINED) if t \
             else gguf.TokenType.NORMAL
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")   # llama.cpp's pre-tokenizer table is keyed by a hash of its test text
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=n).add_to_gguf(writer)
