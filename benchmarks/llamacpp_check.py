@@ -436,11 +436,22 @@ def report():
     print("| file | size (MB) | llama.cpp WikiText-2 | llama.cpp C4 | ours WikiText-2 | ours C4 | bit-exact |")
     print("|---|---|---|---|---|---|---|")
     for r in data["rows"]:
+        if "bytes" not in r:
+            continue
         lp, op = r.get("llamacpp_ppl", {}), r.get("ours_ppl", {})
         be = f"{r['bit_exact_tensors']}/{r['quantized_tensors']}" if "bit_exact_tensors" in r else ""
         print(f"| {r['name']} | {r['bytes'] / 1e6:.1f} | {lp.get('wikitext2', float('nan')):.3f} | "
               f"{lp.get('c4', float('nan')):.3f} | {op.get('wikitext2', float('nan')):.3f} | "
               f"{op.get('c4', float('nan')):.3f} | {be} |")
+    toks = [r for r in data["rows"] if r["name"].startswith("tokenizer: ")]
+    if toks:
+        print("\n| tokenizer.json pre-tokenizer | written as | WikiText-2: ours / llama.cpp tokens | C4: ours / llama.cpp tokens |")
+        print("|---|---|---|---|")
+        for r in toks:
+            cell = lambda t: (f"{t['hf_tokens']:,} / {t['llamacpp_tokens']:,} "  # noqa: E731
+                              + ("(identical)" if t["equal"] else f"(first difference at token {t['first_difference']})"))
+            print(f"| {r['name'][len('tokenizer: '):]} | {r['pre']} | {cell(r['texts']['wikitext2'])} | "
+                  f"{cell(r['texts']['c4'])} |")
 
 
 if __name__ == "__main__":
