@@ -1,6 +1,7 @@
 """Our GGUF k-quant exports run by llama.cpp, against llama.cpp's own quantizer (issue 18).
 
     python benchmarks/llamacpp_check.py --types q2_k,q3_k --methods gptq,boa       # SmolLM2, reference recipe
+    python benchmarks/llamacpp_check.py --types q3_k_m,q4_k_m --methods boa,gptq  # llama.cpp's file types
     python benchmarks/llamacpp_check.py --report
 
 Model: SmolLM2-135M (``~/.cache/lowmem_boa/smollm2-135m``). Calibration: the reference recipe of the
@@ -290,6 +291,8 @@ def main(argv=None):
                     help="our runs with llama.cpp's own per-layer types of each file type (--kquant-type for the "
                     "layers its mixture promotes, e.g. ffn_down Q3_K in a Q2_K file) instead of one type")
     ap.add_argument("--report", action="store_true")
+    ap.add_argument("--file-types", action="store_true", help="only: --kquant FILE_TYPE's per-block types against "
+                    "llama.cpp's own file of each file type")
     ap.add_argument("--tokenizer", action="store_true", help="only: llama.cpp's tokenization of our GGUF against the "
                     "model's own tokenizer (pre-tokenizer names)")
     ap.add_argument("--out", type=Path, default=None, help="results file (default benchmarks/results/llamacpp_check.json)")
@@ -305,6 +308,8 @@ def main(argv=None):
     ck = Check(args)
     if args.tokenizer:
         return tokenizer_check(ck)
+    if args.file_types:
+        return file_types_check(ck)
     lib = libggml()
     sd = fp_weights(ck.model)
     f16 = WORK / "smollm2-f16.gguf"
@@ -317,7 +322,7 @@ def main(argv=None):
     calib = calibration_windows(tok, load_source("wikitext2", "train", SHARED / "data"), args.nsamples, args.seqlen,
                                 args.seed)
     imat = imatrix(ck.model, calib, WORK / f"imatrix-{args.nsamples}x{args.seqlen}-s{args.seed}.npz")
-    from lowmem_boa.solvers.kquant import embedding_type
+    from lowmem_boa.solvers.kquant import FILE_TYPES, embedding_type
     emb = embedding_type(None, json.loads((ck.model / "config.json").read_text())["hidden_size"])
     for kq in args.types.split(","):
         # llama.cpp's own file type, without and with the importance matrix
@@ -338,7 +343,8 @@ def main(argv=None):
         ck.record(f"llama.cpp {kq} (own types) + imatrix",
                   requantize(lib, ck.model, sd, own, WORK / f"llama-{kq}-imatrix.gguf", imat), type=kq,
                   source="llama.cpp", imatrix=True, tensor_types=sorted(types))
-        over = llama_mix(own, ck.model) if args.mix else {}
+        file_type = kq in FILE_TYPES      # llama.cpp's file type: our run has its per-block types (checked below)
+        over = llama_mix(own, ck.model) if args.mix and not file_type else {}
         mix = " llama.cpp mix" if args.mix else ""
         for method in args.methods.split(","):
             run = WORK / f"{method}-{kq}{'-mix' if args.mix else ''}-n{args.nsamples}x{args.seqlen}-s{args.seed}"
@@ -357,10 +363,16 @@ def main(argv=None):
                     (run / "quant_seconds.txt").write_text(f"{time.perf_counter() - t0:.1f}")
             if not ck.fresh(name, ours_file):
                 same, total = bit_exact(run)
+                if file_type:
+                    extra_types = {"same_tensor_types_as_llama_cpp_file": tensor_types(ours_file) == tensor_types(own)}
+                else:
+                    extra_types = {}
                 ck.record(name, ours_file, type=kq, source=method, imatrix=None, bit_exact_tensors=same, kquant_types=over,
                           quantized_tensors=total, ours_ppl=ck.ours_ppl(run),
                           tensor_types=sorted({str(t.name) for t in tensor_types(ours_file).values()}),
-                          quant_seconds=float((run / "quant_seconds.txt").read_text()))
+                          quant_seconds=float((run / "quant_seconds.txt").read_text()), **extra_types)
+            if file_type:
+                continue     # llama.cpp's quantizer on our types = its own file (same types), measured above
             # llama.cpp's quantizer on exactly our file's tensor types (equal size)
             for use_im in (False, True):
                 label = f"llama.cpp {kq} (our{mix} types)" + (" + imatrix" if use_im else "")
@@ -429,6 +441,43 @@ def tokenizer_check(ck) -> None:
         path.unlink()
         ck.save_row(row)
         print(json.dumps(row), flush=True)
+
+
+def file_types_check(ck) -> None:
+    """llama.cpp's own file of each of its file types (``llama_model_quantize`` of the F16 GGUF) against
+    ``--kquant FILE_TYPE``'s per-block types (``solvers.kquant.llama_file_type_overrides`` + fallbacks):
+    every linear of every block. The types llama.cpp chose are kept in
+    ``benchmarks/results/llamacpp_file_types.json`` (tests/test_kquant.py checks our rules against them)."""
+    from lowmem_boa.export.gguf_file import gguf_name
+    from lowmem_boa.solvers.kquant import FILE_TYPES, layer_type, llama_file_type_overrides
+    cfg = json.loads((ck.model / "config.json").read_text())
+    n, gqa = cfg["num_hidden_layers"], cfg["num_attention_heads"] // cfg["num_key_value_heads"]
+    head = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    cols = {"self_attn.q_proj": cfg["hidden_size"], "self_attn.k_proj": cfg["hidden_size"],
+            "self_attn.v_proj": cfg["hidden_size"], "self_attn.o_proj": cfg["num_attention_heads"] * head,
+            "mlp.gate_proj": cfg["hidden_size"], "mlp.up_proj": cfg["hidden_size"], "mlp.down_proj": cfg["intermediate_size"]}
+    f16 = WORK / "smollm2-f16.gguf"
+    path = REPO / "benchmarks" / "results" / "llamacpp_file_types.json"
+    out = {"model": "smollm2-135m", "llama_cpp_python": "0.3.36", "n_blocks": n, "n_gqa": gqa, "in_features": cols,
+           "file_types": {}}
+    for ft in FILE_TYPES:
+        own = WORK / f"llama-{ft}-types.gguf"
+        if not own.exists():
+            subprocess.run([str(ck.py), str(REPO / "benchmarks" / "llamacpp_eval.py"), "quantize", "--model", str(f16),
+                            "--type", ft, "--out", str(own)], check=True, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+        theirs = {k: t.name.lower() for k, t in tensor_types(own).items()}
+        over = llama_file_type_overrides(ft, list(cols), n, gqa)
+        ours = {gguf_name(f"model.layers.{i}.{name}.weight"): layer_type(ft, c, name, over, i)
+                for i in range(n) for name, c in cols.items()}
+        differ = sorted(k for k in ours if ours[k] != theirs.get(k))
+        out["file_types"][ft] = {"llama_cpp": {k: theirs[k] for k in sorted(ours)},
+                                 "embedding": theirs.get("token_embd.weight"), "bytes": own.stat().st_size}
+        print(f"{ft}: {len(ours) - len(differ)}/{len(ours)} linear tensors of the same type as llama.cpp's own file"
+              + (f"; differ: {', '.join(f'{k} ours {ours[k]} llama.cpp {theirs.get(k)}' for k in differ[:6])}"
+                 if differ else ""), flush=True)
+        own.unlink()
+    path.write_text(json.dumps(out, indent=1))
 
 
 def report():

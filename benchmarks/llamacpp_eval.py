@@ -56,7 +56,11 @@ def perplexity(model: str, windows: np.ndarray, threads: int) -> dict:
 
 FTYPES = {"q2_k": "LLAMA_FTYPE_MOSTLY_Q2_K", "q3_k": "LLAMA_FTYPE_MOSTLY_Q3_K_M", "q4_k": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
           "q5_k": "LLAMA_FTYPE_MOSTLY_Q5_K_M", "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
-          "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0"}
+          "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
+          # llama-quantize's file-type names as --kquant takes them (q2_k_m: its "Q2_K")
+          "q2_k_m": "LLAMA_FTYPE_MOSTLY_Q2_K", "q3_k_s": "LLAMA_FTYPE_MOSTLY_Q3_K_S", "q3_k_m": "LLAMA_FTYPE_MOSTLY_Q3_K_M",
+          "q3_k_l": "LLAMA_FTYPE_MOSTLY_Q3_K_L", "q4_k_s": "LLAMA_FTYPE_MOSTLY_Q4_K_S", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+          "q5_k_s": "LLAMA_FTYPE_MOSTLY_Q5_K_S", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M"}
 
 
 def quantize(src: str, dst: str, qtype: str, threads: int) -> dict:

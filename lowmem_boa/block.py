@@ -67,8 +67,10 @@ class BlockOutcome:
 
 
 class BlockQuantizer:
-    def __init__(self, sch: Scheduler, adapter: ModelAdapter, plan: Plan, qc: QuantConfig, kwargs: dict):
+    def __init__(self, sch: Scheduler, adapter: ModelAdapter, plan: Plan, qc: QuantConfig, kwargs: dict,
+                 index: int | None = None):
         self.sch, self.adapter, self.plan, self.qc, self.kwargs = sch, adapter, plan, qc, kwargs
+        self.index = index      # the block's number (per-block GGUF types)
         self.heads = adapter.heads
         self.phase_seconds: dict = {}
 
@@ -301,7 +303,7 @@ class BlockQuantizer:
         if qc.grid_coarse > 1:
             common["coarse"] = qc.grid_coarse
         if qc.kquant:   # the layer's GGUF type: the k-quant, or its 32-column fallback
-            common["kquant"] = layer_type(qc.kquant, c, name, qc.kquant_types)
+            common["kquant"] = layer_type(qc.kquant, c, name, qc.kquant_types, self.index)
         report = LayerReport(name=name, rows=r, cols=c, seconds=0.0)
         tags = []
         with self._phase(PHASE_SOLVE), self.sch.workspace(f"solver {name}", sum(ws.values())):

@@ -100,10 +100,11 @@ class QuantConfig:
 
     def __post_init__(self):
         if self.kquant is not None:
-            from .solvers.kquant import KTYPES
-            kt = KTYPES.get(str(self.kquant).lower())
+            from .solvers.kquant import KTYPES, FILE_TYPES, base_type
+            name = str(self.kquant).lower()
+            kt = KTYPES.get(base_type(name))
             if kt is not None:
-                self.kquant = kt.name
+                self.kquant = name if name in FILE_TYPES else kt.name
                 self.wbits = kt.bits
                 self.refine_scales = 0
         if self.kquant_types:
@@ -155,9 +156,10 @@ class QuantConfig:
         if self.fp_targets and self.true_sequential:
             raise ValueError("--fp-targets fits one-pass statistics; it cannot be combined with --true-sequential")
         if self.kquant is not None:
-            from .solvers.kquant import K_TYPES
-            if self.kquant not in K_TYPES:
-                raise ValueError(f"--kquant must be one of {', '.join(K_TYPES)}, got {self.kquant!r}")
+            from .solvers.kquant import FILE_TYPES, K_TYPES
+            if self.kquant not in K_TYPES and self.kquant not in FILE_TYPES:
+                raise ValueError(f"--kquant must be one of {', '.join(K_TYPES)} (one type) or llama.cpp's file types "
+                                 f"{', '.join(FILE_TYPES)}, got {self.kquant!r}")
             clash = [flag for flag, on in (("--method rtn", self.method == "rtn"), ("--sym", self.sym),
                                            ("--group-size", self.group_size is not None),
                                            ("--act-order-col", self.act_order_col),

@@ -33,7 +33,7 @@ from .models import get_adapter
 from .scheduler import (ActivationStore, CheckpointReader, Ledger, PlanInputs, Scheduler, build_skeleton,
                         fmt_bytes, load_config, make_plan, parse_size, resolve_model_dir)
 from .scheduler.planner import CPU_CHUNK_TOKENS, PHASE_PROPAGATE, Plan, PlanError
-from .solvers.kquant import KTYPES
+from .solvers.kquant import KTYPES, base_type
 from .stats import mlp_row_group
 from .ui import Console
 
@@ -144,18 +144,33 @@ def prepare_run(qc: QuantConfig, ro: RunOptions, console: Console | None = None)
     if bad:
         raise ValueError(f"--export: unknown format(s) {', '.join(bad)}; choose from {', '.join(EXPORT_CHOICES)}")
     if qc.kquant:
-        from .solvers.kquant import layer_type
+        from .solvers.kquant import FILE_TYPES, layer_type, llama_file_type_overrides
         shapes = adapter.linear_shapes()
-        unknown = sorted(set(qc.kquant_types or {}) - set(shapes))
+        n_blocks = adapter.n_blocks
+
+        def layer_of(key):    # "NAME" (every block) or "BLOCK.NAME" (one block)
+            head, _, rest = key.partition(".")
+            return rest if head.isdigit() and int(head) < n_blocks else key
+        unknown = sorted({layer_of(k) for k in (qc.kquant_types or {})} - set(shapes))
         if unknown:
             raise ValueError(f"--kquant-type: no layer {', '.join(unknown)} in this model's blocks "
-                             f"(its layers: {', '.join(shapes)})")
-        types = {n: layer_type(qc.kquant, cols, n, qc.kquant_types) for n, (_, cols) in shapes.items()}
-        narrow = [n for n, t in types.items() if t is None]
+                             f"(its layers: {', '.join(shapes)}; BLOCK.LAYER for one block, BLOCK < {n_blocks})")
+        if qc.kquant in FILE_TYPES:   # llama.cpp's per-block types, under the user's own --kquant-type
+            mine = {layer_of(k) for k in (qc.kquant_types or {})}
+            rules = llama_file_type_overrides(qc.kquant, [n for n in shapes if n not in mine], n_blocks,
+                                              adapter.heads.n_heads // adapter.heads.n_kv_heads)
+            qc.kquant_types = {**rules, **(qc.kquant_types or {})} or None
+            promoted = sorted({(layer_of(k), t) for k, t in rules.items()})
+            notes.append(f"--kquant {qc.kquant}: llama.cpp's file type, base {base_type(qc.kquant)}; more bits in "
+                         + (", ".join(f"{n} {t} ({sum(layer_of(k) == n and v == t for k, v in rules.items())} "
+                                      f"blocks)" for n, t in promoted) or "no layer"))
+        narrow = sorted({n for n, (_, cols) in shapes.items() for i in range(n_blocks)
+                         if layer_type(qc.kquant, cols, n, qc.kquant_types, i) is None})
         if narrow:
             raise ValueError(f"--kquant {qc.kquant}: {', '.join(narrow)} of this model have inputs that are not a "
                              "multiple of 32, which no GGUF block type stores")
-        fallback = {n: t for n, t in types.items() if t != (qc.kquant_types or {}).get(n, qc.kquant)}
+        types = {n: layer_type(qc.kquant, cols, n, qc.kquant_types) for n, (_, cols) in shapes.items()}
+        fallback = {n: t for n, t in types.items() if t != (qc.kquant_types or {}).get(n, base_type(qc.kquant))}
         if fallback:
             notes.append(f"--kquant {qc.kquant}: layers whose inputs are not a multiple of 256 use "
                          f"{', '.join(sorted(set(fallback.values())))} (32-column blocks, as llama.cpp falls back): "
@@ -187,7 +202,7 @@ def prepare_run(qc: QuantConfig, ro: RunOptions, console: Console | None = None)
     inputs = PlanInputs(method=qc.method, calibration=qc.uses_calibration, nsamples=qc.nsamples,
                         seqlen=qc.seqlen, dtype_bytes=torch.empty((), dtype=dtype).element_size(),
                         block_v=qc.block_v, device_type=device.type,
-                        group_size=qc.group_size or (KTYPES[qc.kquant].sub if qc.kquant else None),
+                        group_size=qc.group_size or (KTYPES[base_type(qc.kquant)].sub if qc.kquant else None),
                         true_sequential=qc.true_sequential, search_orders=qc.search_orders,
                         fp_targets=qc.fp_targets,
                         mlp_row_group=(mlp_row_group(adapter.intermediate_size, qc.mlp_row_group)
@@ -337,7 +352,7 @@ def _run(prep: PreparedRun, console: Console) -> dict:
                     continue
                 progress.update(i, "quantizing")
                 with sch.resident([name], f"block {i}") as (blk,):
-                    bq = BlockQuantizer(sch, adapter, plan, qc, kwargs)
+                    bq = BlockQuantizer(sch, adapter, plan, qc, kwargs, index=i)
                     outcome = bq.quantize(blk, store)
                     layer_stats = [vars(r) for r in outcome.layers]
                     stats = {"seconds": outcome.seconds, "phase_seconds": outcome.phase_seconds,

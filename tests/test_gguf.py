@@ -235,8 +235,8 @@ def _run(args, timeout=900):
 
 @needs_shared
 @pytest.mark.parametrize("method,kq,hidden,over,emb", [
-    ("boa", "q2_k", 256, {"mlp.down_proj": "q3_k", "self_attn.v_proj": "q8_0"}, None),
-    ("gptq", "q4_k", 256, {}, "q4_k"), ("boa", "q3_k", 96, {}, None), ("gptq", "q6_k", 96, {}, "float")])
+    ("boa", "q2_k", 256, {"mlp.down_proj": "q3_k", "0.self_attn.v_proj": "q8_0"}, None),
+    ("gptq", "q4_k_m", 256, {}, "q4_k"), ("boa", "q3_k", 96, {}, None), ("gptq", "q6_k", 96, {}, "float")])
 def test_run_quant_kquant_exports_a_gguf_that_evaluates_like_the_run(tmp_path, method, kq, hidden, over, emb):
     """``run_quant.py --kquant TYPE --export gguf``: the GGUF file's weights are the fake-quantized
     checkpoint's bit for bit (so run_eval.py gives the same perplexity on both), the run state keeps
@@ -259,10 +259,14 @@ def test_run_quant_kquant_exports_a_gguf_that_evaluates_like_the_run(tmp_path, m
     assert r.returncode == 0, r.stderr[-3000:]
     gguf_file = out / "gguf" / "model.gguf"
     types = {t.name: t.tensor_type.name.lower() for t in gguf.GGUFReader(gguf_file).tensors}
-    fallback = {"q3_k": "q4_0", "q6_k": "q8_0", "q2_k": "q4_0", "q4_k": "q5_0"}[kq]
-    assert types["blk.0.ffn_down.weight"] == over.get("mlp.down_proj", kq)
-    assert types["blk.0.attn_v.weight"] == over.get("self_attn.v_proj", kq if hidden % 256 == 0 else fallback)
-    assert types["blk.0.attn_q.weight"] == (kq if hidden % 256 == 0 else fallback)
+    base = kq[:4]
+    fallback = {"q3_k": "q4_0", "q6_k": "q8_0", "q2_k": "q4_0", "q4_k": "q5_0"}[base]
+    # llama.cpp's Q4_K_M in a one-block model: attn_v and ffn_down Q6_K (its last eighth of the blocks)
+    rules = {"mlp.down_proj": "q6_k", "self_attn.v_proj": "q6_k"} if kq == "q4_k_m" else {}
+    mine = {**rules, **{k.split(".", 1)[1] if k[0].isdigit() else k: v for k, v in over.items()}}
+    assert types["blk.0.ffn_down.weight"] == mine.get("mlp.down_proj", base)
+    assert types["blk.0.attn_v.weight"] == mine.get("self_attn.v_proj", base if hidden % 256 == 0 else fallback)
+    assert types["blk.0.attn_q.weight"] == (base if hidden % 256 == 0 else fallback)
     assert types["token_embd.weight"] == {None: "q6_k" if hidden % 256 == 0 else "q8_0", "float": "f32"}.get(emb, emb)
     assert "output.weight" not in types                  # tied: llama.cpp uses token_embd for the head
     fake = load_file(out / "model.safetensors")
@@ -289,6 +293,7 @@ def test_kquant_refusals_come_before_any_work(tmp_path):
                        (["--kquant", "q4_k", "--sym"], "cannot be combined with --sym"),
                        (["--kquant", "q9_k"], "--kquant must be one of"),
                        (["--kquant", "q4_k", "--kquant-type", "mlp.nope=q3_k"], "no layer mlp.nope"),
+                       (["--kquant", "q4_k_m", "--kquant-type", "7.mlp.down_proj=q3_k"], "no layer 7.mlp.down_proj"),
                        (["--kquant-embedding", "q8_0"], "add --kquant"),
                        (["--kquant", "q4_k", "--kquant-embedding", "q9_0"], "--kquant-embedding must be one of")):
         out = tmp_path / ("o" + str(abs(hash(msg)) % 1000))

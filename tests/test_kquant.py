@@ -271,3 +271,29 @@ def test_embedding_type_rule():
     assert embedding_type("float", 576) is None and embedding_type("Q4_0", 576) == "q4_0"
     with pytest.raises(ValueError, match="--kquant-embedding q6_k"):
         embedding_type("q6_k", 576)
+
+
+def test_llama_cpp_file_types_give_llama_cpps_own_types():
+    """``--kquant q2_k_m / q3_k_s … q5_k_m``: every linear of every SmolLM2 block gets the type llama.cpp's
+    own quantizer chose for that file type (recorded from its files by ``benchmarks/llamacpp_check.py
+    --file-types``: 30 blocks, GQA 3, 576-input layers falling back to 32-column types)."""
+    import json
+    from pathlib import Path
+    from lowmem_boa.solvers.kquant import FILE_TYPES, layer_type, llama_file_type_overrides
+    rec = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "llamacpp_file_types.json")
+                     .read_text())
+    gguf_names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                  "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                  "mlp.down_proj": "ffn_down"}
+    assert set(rec["file_types"]) == set(FILE_TYPES)
+    for ft, got in rec["file_types"].items():
+        over = llama_file_type_overrides(ft, list(rec["in_features"]), rec["n_blocks"], rec["n_gqa"])
+        for i in range(rec["n_blocks"]):
+            for name, cols in rec["in_features"].items():
+                assert layer_type(ft, cols, name, over, i) == got["llama_cpp"][f"blk.{i}.{gguf_names[name]}.weight"], \
+                    (ft, i, name)
+    # the user's own --kquant-type wins over a file type's rule, one block over every block
+    assert layer_type("q4_k_m", 4096, "mlp.down_proj", {"0.mlp.down_proj": "q2_k", "mlp.down_proj": "q3_k"}, 0) == "q2_k"
+    assert layer_type("q4_k_m", 4096, "mlp.down_proj", {"0.mlp.down_proj": "q2_k", "mlp.down_proj": "q3_k"}, 1) == "q3_k"
+    with pytest.raises(ValueError, match="unknown llama.cpp file type"):
+        llama_file_type_overrides("q7_k_m", ["mlp.down_proj"], 4, 1)

@@ -99,11 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
                    f"either side of each row's best (K=8: 48 instead of 160 candidates; 1 = the full search; "
                    f"default {BOA_GRID_COARSE} for BoA, 1 for GPTQ/RTN)")
     m.add_argument("--kquant", default=None, metavar="TYPE",
-                   help="quantize onto llama.cpp's k-quant grid (q2_k, q3_k, q4_k, q5_k, q6_k) for --export gguf: "
-                   "sets the bit width; every quantized layer needs a multiple of 256 inputs")
+                   help="quantize onto llama.cpp's k-quant grid for --export gguf: one type for every layer (q2_k, "
+                   "q3_k, q4_k, q5_k, q6_k; inputs not a multiple of 256 fall back to 32-column types as llama.cpp "
+                   "does), or llama.cpp's file types with its per-block mixture (q3_k_s, q3_k_m, q3_k_l, q4_k_s, "
+                   "q4_k_m, q5_k_s, q5_k_m, and q2_k_m for llama-quantize's Q2_K)")
     m.add_argument("--kquant-type", action="append", default=None, metavar="LAYER=TYPE", type=_kquant_pair,
-                   help="with --kquant: this layer of every block in another GGUF type (repeatable), as "
-                   "llama-quantize's --tensor-type; e.g. mlp.down_proj=q3_k (what llama.cpp's own Q2_K files do)")
+                   help="with --kquant: this layer of every block (LAYER) or of one block (BLOCK.LAYER, e.g. "
+                   "0.mlp.down_proj) in another GGUF type (repeatable; over a file type's own rules), as "
+                   "llama-quantize's --tensor-type; e.g. mlp.down_proj=q3_k")
     m.add_argument("--kquant-embedding", default=None, metavar="TYPE",
                    help="with --kquant: GGUF type of the token embedding and output head, rounded without a Hessian "
                    "(default auto: llama.cpp's, Q6_K, or Q8_0 where the hidden size is not a multiple of 256; "

@@ -66,11 +66,67 @@ K_TYPES = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k")   # what --kquant accepts
 FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
 
 
-def layer_type(kquant: str, in_features: int, name: str | None = None, overrides: dict | None = None) -> str | None:
-    """The GGUF type a layer with ``in_features`` inputs gets under ``--kquant`` (or ``overrides[name]``,
-    ``--kquant-type NAME=TYPE``); a k-quant falls back to its 32-column type where the inputs are not a
-    multiple of 256; None if no type fits."""
-    t = (overrides or {}).get(name, kquant)
+# llama.cpp's file types (llama-quantize's names; ``q2_k_m`` is its "Q2_K", whose name we keep for one type):
+# a base k-quant and the layers llama.cpp's rules give more bits (``llama_file_type_overrides``)
+FILE_TYPES = {"q2_k_m": "q2_k", "q3_k_s": "q3_k", "q3_k_m": "q3_k", "q3_k_l": "q3_k", "q4_k_s": "q4_k",
+              "q4_k_m": "q4_k", "q5_k_s": "q5_k", "q5_k_m": "q5_k"}
+
+
+def base_type(kquant: str) -> str:
+    """The k-quant of ``--kquant`` (a type, or a llama.cpp file type's base type)."""
+    return FILE_TYPES.get(kquant, kquant)
+
+
+def _more_bits(i: int, n: int) -> bool:
+    """llama.cpp's ``use_more_bits``: the first and last eighth of the blocks and every third between."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def llama_file_type_overrides(file_type: str, layers, n_blocks: int, n_gqa: int) -> dict:
+    """Per-block types (``{"BLOCK.LAYER": type}``) of llama.cpp's file type for a dense model's blocks, as
+    ``llama_tensor_get_type`` chooses them (llama.cpp's ``llama-quant.cpp``: the value projection, the
+    attention output and the MLP down projection get more bits in some blocks; every other layer the base
+    type; the embedding / output head are ``--kquant-embedding``'s, whose default is llama.cpp's).
+    ``layers``: the block's linear names; roles by suffix (``v_proj``; ``o_proj``/``out_proj``;
+    ``down_proj``/``fc2``). Checked against llama.cpp's own files of SmolLM2 (Q2_K, Q3_K_M, Q4_K_M) in
+    ``benchmarks/llamacpp_check.py``."""
+    ft = file_type.lower()
+    if ft not in FILE_TYPES:
+        raise ValueError(f"unknown llama.cpp file type {file_type!r}; choose from {', '.join(FILE_TYPES)}")
+    n = n_blocks
+
+    def v(i):
+        return {"q2_k_m": "q4_k" if n_gqa >= 4 else "q3_k", "q3_k_m": "q5_k" if i < 2 else "q4_k", "q3_k_l": "q5_k",
+                "q4_k_m": "q6_k" if _more_bits(i, n) else None, "q5_k_m": "q6_k" if _more_bits(i, n) else None,
+                "q4_k_s": "q5_k" if i < 4 else None}.get(ft)
+
+    def down(i):
+        return {"q2_k_m": "q3_k", "q3_k_m": "q5_k" if i < n // 16 else "q4_k", "q3_k_l": "q5_k",
+                "q4_k_m": "q6_k" if _more_bits(i, n) else None, "q5_k_m": "q6_k" if _more_bits(i, n) else None,
+                "q4_k_s": "q5_k" if i < n // 8 else None}.get(ft)
+
+    def out(i):
+        return {"q2_k_m": "q3_k", "q3_k_m": "q4_k", "q3_k_l": "q5_k"}.get(ft)
+
+    rules = [(("v_proj",), v), (("o_proj", "out_proj"), out), (("down_proj", "fc2"), down)]
+    over = {}
+    for name in layers:
+        rule = next((r for suffixes, r in rules if name.endswith(suffixes)), None)
+        for i in range(n):
+            t = rule(i) if rule else None
+            if t is not None and t != FILE_TYPES[ft]:
+                over[f"{i}.{name}"] = t
+    return over
+
+
+def layer_type(kquant: str, in_features: int, name: str | None = None, overrides: dict | None = None,
+               block: int | None = None) -> str | None:
+    """The GGUF type a layer with ``in_features`` inputs gets under ``--kquant`` (or ``overrides``:
+    ``"BLOCK.NAME"`` for one block, then ``"NAME"`` for every block, ``--kquant-type``); a k-quant falls
+    back to its 32-column type where the inputs are not a multiple of 256; None if no type fits."""
+    overrides = overrides or {}
+    t = overrides.get(f"{block}.{name}") if block is not None else None
+    t = t or overrides.get(name, base_type(kquant))
     kt = ktype(t)
     if in_features % kt.block == 0:
         return kt.name
