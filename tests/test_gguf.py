@@ -269,6 +269,9 @@ def test_run_quant_kquant_exports_a_gguf_that_evaluates_like_the_run(tmp_path, m
     assert types["blk.0.attn_q.weight"] == (base if hidden % 256 == 0 else fallback)
     assert types["token_embd.weight"] == {None: "q6_k" if hidden % 256 == 0 else "q8_0", "float": "f32"}.get(emb, emb)
     assert "output.weight" not in types                  # tied: llama.cpp uses token_embd for the head
+    ftype = gguf.GGUFReader(gguf_file).fields["general.file_type"].parts[-1][0]
+    assert gguf.LlamaFileType(ftype).name == {"q2_k": "MOSTLY_Q2_K", "q4_k_m": "MOSTLY_Q4_K_M", "q3_k": "MOSTLY_Q3_K_S",
+                                              "q6_k": "MOSTLY_Q6_K"}[kq]
     fake = load_file(out / "model.safetensors")
     back = load_file(gguf_to_hf(gguf_file, tmp_path / "back") / "model.safetensors")
     for k, v in fake.items():

@@ -188,7 +188,8 @@ def export_gguf(run_dir: Path, out_dir: Path, info: dict) -> Path:
                 yield f"{name}.weight", KQuantTensor(t["codes"], {"type": t["kq_type"], **fields})
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    return write_llama_gguf(run_dir, out_dir / "model.gguf", tensors(), float_type=float_type)
+    return write_llama_gguf(run_dir, out_dir / "model.gguf", tensors(), float_type=float_type,
+                            file_type=info["config"].get("kquant"))
 
 
 def _gptq_layer(name, codes, scale, zero, bits, gs, checkpoint_format):
