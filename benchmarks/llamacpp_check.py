@@ -482,16 +482,21 @@ def file_types_check(ck) -> None:
 
 def report():
     data = json.loads(OUT.read_text()) if OUT.exists() else {"rows": []}
-    print("| file | size (MB) | llama.cpp WikiText-2 | llama.cpp C4 | ours WikiText-2 | ours C4 | bit-exact |")
-    print("|---|---|---|---|---|---|---|")
+    print("| file | size (MB) | embedding | llama.cpp WikiText-2 | llama.cpp C4 | ours WikiText-2 | ours C4 | bit-exact |")
+    print("|---|---|---|---|---|---|---|---|")
+
+    def num(d, k):
+        return f"{d[k]:.3f}" if k in d else "–"
     for r in data["rows"]:
         if "bytes" not in r:
             continue
         lp, op = r.get("llamacpp_ppl", {}), r.get("ours_ppl", {})
         be = f"{r['bit_exact_tensors']}/{r['quantized_tensors']}" if "bit_exact_tensors" in r else ""
-        print(f"| {r['name']} | {r['bytes'] / 1e6:.1f} | {lp.get('wikitext2', float('nan')):.3f} | "
-              f"{lp.get('c4', float('nan')):.3f} | {op.get('wikitext2', float('nan')):.3f} | "
-              f"{op.get('c4', float('nan')):.3f} | {be} |")
+        types = r.get("tensor_types")
+        # rows written before the key: the embedding is the file's only F16 (or, failing that, Q8_0) tensor
+        emb = r.get("embedding") or ("F16" if not types or "F16" in types else "Q8_0" if "Q8_0" in types else "–")
+        print(f"| {r['name']} | {r['bytes'] / 1e6:.1f} | {emb} | {num(lp, 'wikitext2')} | {num(lp, 'c4')} | "
+              f"{num(op, 'wikitext2')} | {num(op, 'c4')} | {be} |")
     toks = [r for r in data["rows"] if r["name"].startswith("tokenizer: ")]
     if toks:
         print("\n| tokenizer.json pre-tokenizer | written as | WikiText-2: ours / llama.cpp tokens | C4: ours / llama.cpp tokens |")

@@ -51,6 +51,7 @@ class PreparedRun:
     state_mode: str | None = None
     notes: list = field(default_factory=list)
     source: object = None          # calibration text (read before any work)
+    embedding_type: str | None = None   # GGUF type of the token embedding / output head (--kquant runs)
 
 
 def resolve_device(name: str, require_available: bool = True) -> torch.device:
@@ -143,14 +144,14 @@ def prepare_run(qc: QuantConfig, ro: RunOptions, console: Console | None = None)
     bad = [f for f in ro.export if f not in EXPORT_CHOICES]
     if bad:
         raise ValueError(f"--export: unknown format(s) {', '.join(bad)}; choose from {', '.join(EXPORT_CHOICES)}")
+    emb = None
     if qc.kquant:
-        from .solvers.kquant import FILE_TYPES, layer_type, llama_file_type_overrides
+        from .solvers.kquant import FILE_TYPES, layer_type, llama_file_type_overrides, override_layer
         shapes = adapter.linear_shapes()
         n_blocks = adapter.n_blocks
 
-        def layer_of(key):    # "NAME" (every block) or "BLOCK.NAME" (one block)
-            head, _, rest = key.partition(".")
-            return rest if head.isdigit() and int(head) < n_blocks else key
+        def layer_of(key):
+            return override_layer(key, n_blocks)
         unknown = sorted({layer_of(k) for k in (qc.kquant_types or {})} - set(shapes))
         if unknown:
             raise ValueError(f"--kquant-type: no layer {', '.join(unknown)} in this model's blocks "
@@ -223,7 +224,8 @@ def prepare_run(qc: QuantConfig, ro: RunOptions, console: Console | None = None)
         if qc.uses_calibration and not finished:   # read (or downloaded) now: a missing corpus fails before any work
             source = file_source(qc.calib_file) if qc.calib_file else load_source(qc.calib, "train", ro.data_dir)
     return PreparedRun(qc=qc, ro=ro, config=config, adapter=adapter, model_dir=model_dir, device=device,
-                       dtype=dtype, plan=plan, state_mode=state_mode, notes=notes, source=source)
+                       dtype=dtype, plan=plan, state_mode=state_mode, notes=notes, source=source,
+                       embedding_type=emb)
 
 
 def _existing(path: Path) -> Path:
@@ -373,12 +375,9 @@ def _run(prep: PreparedRun, console: Console) -> dict:
 
     if ro.fake_quant:
         console.note("writing the Hugging Face checkpoint")
-        emb = None
-        if qc.kquant:
-            from .solvers.kquant import embedding_type
-            emb = embedding_type(qc.kquant_embedding, adapter.heads.hidden_size)
-        files = export_fake_quant(output, prep.model_dir, prep.config, _export_tensors(model, reader, state, adapter,
-                                                                                      prep.dtype, emb), prep.dtype)
+        files = export_fake_quant(output, prep.model_dir, prep.config,
+                                  _export_tensors(model, reader, state, adapter, prep.dtype, prep.embedding_type),
+                                  prep.dtype)
     else:
         files = export_fake_quant(output, prep.model_dir, prep.config, iter(()), prep.dtype, config_only=True)
     report = {

@@ -297,3 +297,18 @@ def test_llama_cpp_file_types_give_llama_cpps_own_types():
     assert layer_type("q4_k_m", 4096, "mlp.down_proj", {"0.mlp.down_proj": "q2_k", "mlp.down_proj": "q3_k"}, 1) == "q3_k"
     with pytest.raises(ValueError, match="unknown llama.cpp file type"):
         llama_file_type_overrides("q7_k_m", ["mlp.down_proj"], 4, 1)
+
+
+def test_override_keys_and_file_type_labels():
+    """``--kquant-type`` keys name a layer for every block or for one block (a number that is no block index
+    stays part of the name); every ``--kquant`` choice declares a ``general.file_type`` the ``gguf`` package
+    knows, llama.cpp's own for a file type (one-type k-quants are its _S file type; q2_k its Q2_K)."""
+    from lowmem_boa.solvers.kquant import FILE_TYPES, GGUF_FILE_TYPE, override_layer
+    assert override_layer("mlp.down_proj", 30) == "mlp.down_proj"
+    assert override_layer("29.mlp.down_proj", 30) == "mlp.down_proj"
+    assert override_layer("30.mlp.down_proj", 30) == "30.mlp.down_proj"    # no block 30: refused as unknown layer
+    assert set(GGUF_FILE_TYPE) == set(K_TYPES) | set(FILE_TYPES)
+    for choice, label in GGUF_FILE_TYPE.items():
+        assert hasattr(gguf.LlamaFileType, label), choice
+        assert label.lower().removeprefix("mostly_").startswith(choice[:4])
+    assert GGUF_FILE_TYPE["q4_k_m"] == "MOSTLY_Q4_K_M" and GGUF_FILE_TYPE["q2_k_m"] == GGUF_FILE_TYPE["q2_k"]

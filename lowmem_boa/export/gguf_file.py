@@ -183,13 +183,6 @@ class RawGGUFTensor:
     qtype: str
 
 
-# general.file_type (llama.cpp's "mostly" label) of a --kquant run; a one-type k-quant is llama.cpp's _S
-_FILE_TYPE = {"q2_k": "MOSTLY_Q2_K", "q2_k_m": "MOSTLY_Q2_K", "q3_k": "MOSTLY_Q3_K_S", "q3_k_s": "MOSTLY_Q3_K_S",
-              "q3_k_m": "MOSTLY_Q3_K_M", "q3_k_l": "MOSTLY_Q3_K_L", "q4_k": "MOSTLY_Q4_K_S", "q4_k_s": "MOSTLY_Q4_K_S",
-              "q4_k_m": "MOSTLY_Q4_K_M", "q5_k": "MOSTLY_Q5_K_S", "q5_k_s": "MOSTLY_Q5_K_S", "q5_k_m": "MOSTLY_Q5_K_M",
-              "q6_k": "MOSTLY_Q6_K"}
-
-
 def write_llama_gguf(model_dir: str | Path, out_path: str | Path, tensors, float_type: str = "f16",
                      file_type: str | None = None) -> Path:
     """Write ``tensors`` (``(hf_name, torch.Tensor, KQuantTensor or RawGGUFTensor)`` pairs, e.g. a checkpoint's) of the
@@ -220,7 +213,8 @@ def write_llama_gguf(model_dir: str | Path, out_path: str | Path, tensors, float
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
     w.add_vocab_size(int(cfg["vocab_size"]))
-    w.add_file_type(getattr(gguf.LlamaFileType, _FILE_TYPE[file_type]) if file_type in _FILE_TYPE else
+    from ..solvers.kquant import GGUF_FILE_TYPE
+    w.add_file_type(getattr(gguf.LlamaFileType, GGUF_FILE_TYPE[file_type]) if file_type in GGUF_FILE_TYPE else
                     {"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
                      "f32": gguf.LlamaFileType.ALL_F32}[float_type])
     _tokenizer_kv(w, model_dir)

@@ -72,6 +72,21 @@ FILE_TYPES = {"q2_k_m": "q2_k", "q3_k_s": "q3_k", "q3_k_m": "q3_k", "q3_k_l": "q
               "q4_k_m": "q4_k", "q5_k_s": "q5_k", "q5_k_m": "q5_k"}
 
 
+# general.file_type (gguf.LlamaFileType's "mostly" label) a --kquant run's file declares; a one-type k-quant
+# is llama.cpp's _S file type (q2_k: its Q2_K)
+GGUF_FILE_TYPE = {"q2_k": "MOSTLY_Q2_K", "q2_k_m": "MOSTLY_Q2_K", "q3_k": "MOSTLY_Q3_K_S", "q3_k_s": "MOSTLY_Q3_K_S",
+                  "q3_k_m": "MOSTLY_Q3_K_M", "q3_k_l": "MOSTLY_Q3_K_L", "q4_k": "MOSTLY_Q4_K_S",
+                  "q4_k_s": "MOSTLY_Q4_K_S", "q4_k_m": "MOSTLY_Q4_K_M", "q5_k": "MOSTLY_Q5_K_S",
+                  "q5_k_s": "MOSTLY_Q5_K_S", "q5_k_m": "MOSTLY_Q5_K_M", "q6_k": "MOSTLY_Q6_K"}
+
+
+def override_layer(key: str, n_blocks: int) -> str:
+    """The layer a ``--kquant-type`` key names: ``"NAME"`` (every block) or ``"BLOCK.NAME"`` (one block,
+    ``BLOCK < n_blocks``; a leading number that is not a block index stays part of the name)."""
+    head, _, rest = key.partition(".")
+    return rest if head.isdigit() and int(head) < n_blocks else key
+
+
 def base_type(kquant: str) -> str:
     """The k-quant of ``--kquant`` (a type, or a llama.cpp file type's base type)."""
     return FILE_TYPES.get(kquant, kquant)
