@@ -388,7 +388,8 @@ def tokenizer_check(ck) -> None:
     with our GGUF's vocabulary and pre-tokenizer name against the model's own (Hugging Face) tokenizer:
     SmolLM2's tokenizer as built here (GPT-2's byte-level regex), and two variants of its tokenizer.json
     (SmolLM's original digits + byte level; Llama 3's split regex), each written by ``write_llama_gguf``
-    with the name it detects, and the name written before that detection ("default")."""
+    with the name it detects, and the name written before that detection ("default"); then a
+    SentencePiece-style vocabulary (Llama 1/2's kind: stories260K's)."""
     import copy
     from transformers import AutoTokenizer
     import lowmem_boa.export.gguf_file as gf
@@ -424,23 +425,55 @@ def tokenizer_check(ck) -> None:
             gf.write_llama_gguf(d, path, sd.items())
         finally:
             gf.check_gguf_tokenizer = orig
-        hf = AutoTokenizer.from_pretrained(d)
-        row = {"name": f"tokenizer: {label}", "pre": name, "texts": {}}
-        for tname in texts:
-            out = d / f"{tname}.npy"
-            subprocess.run([str(ck.py), str(REPO / "benchmarks" / "llamacpp_eval.py"), "tokenize", "--model", str(path),
-                            "--text", str(tdir / f"{tname}.txt"), "--out", str(out)], check=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            a = np.asarray(hf((tdir / f"{tname}.txt").read_text(), add_special_tokens=False)["input_ids"])
-            b = np.load(out)
-            n = min(len(a), len(b))
-            diff = np.nonzero(a[:n] != b[:n])[0]
-            row["texts"][tname] = {"hf_tokens": int(len(a)), "llamacpp_tokens": int(len(b)),
-                                   "equal": bool(len(a) == len(b) and len(diff) == 0),
-                                   "first_difference": int(diff[0]) if len(diff) else (None if len(a) == len(b) else n)}
+        row = {"name": f"tokenizer: {label}", "pre": name,
+               "texts": _compare_tokens(ck, path, AutoTokenizer.from_pretrained(d), texts, tdir, d)}
         path.unlink()
         ck.save_row(row)
         print(json.dumps(row), flush=True)
+    # SentencePiece-style vocabularies (Llama 1/2): stories260K's (llama2.c's SentencePiece model) with
+    # Llama 2's normalizer, written as llama.cpp's "llama" vocabulary; and the same file against
+    # stories260K's own tokenizer, whose normalizer drops leading/trailing spaces and collapses runs
+    # (SentencePiece's remove_extra_whitespaces: llama.cpp ignores that GGUF key for this vocabulary,
+    # so the writer refuses such tokenizers)
+    src = SHARED / "models" / "stories260K"
+    d = tdir / "sentencepiece"
+    d.mkdir(exist_ok=True)
+    for f in src.iterdir():
+        if f.name != "tokenizer.json" and not (d / f.name).exists():
+            (d / f.name).symlink_to(f)
+    tok = json.loads((src / "tokenizer.json").read_text())
+    tok["normalizer"] = {"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": gf.SPM_SPACE}, {"type": "Replace", "pattern": {"String": " "}, "content": gf.SPM_SPACE}]}
+    (d / "tokenizer.json").write_text(json.dumps(tok))
+    path = d / "model.gguf"
+    gf.write_llama_gguf(d, path, fp_weights(src).items(), float_type="f32")
+    for label, hf_dir in (("SentencePiece (stories260K), Llama 2's normalizer", d),
+                          ("SentencePiece (stories260K) as built: remove_extra_whitespaces (refused)", src)):
+        row = {"name": f"tokenizer: {label}", "pre": "llama (SentencePiece)",
+               "texts": _compare_tokens(ck, path, AutoTokenizer.from_pretrained(hf_dir), texts, tdir, d)}
+        ck.save_row(row)
+        print(json.dumps(row), flush=True)
+    path.unlink()
+
+
+def _compare_tokens(ck, gguf_path: Path, hf, texts: dict, tdir: Path, work: Path) -> dict:
+    """llama.cpp's ids for each text (special-token strings in the text read as text, as llama.cpp's
+    ``tokenize(special=False)`` does; transformers' ``split_special_tokens``) against ``hf``'s."""
+    res = {}
+    for tname in texts:
+        out = work / f"{tname}.npy"
+        subprocess.run([str(ck.py), str(REPO / "benchmarks" / "llamacpp_eval.py"), "tokenize", "--model", str(gguf_path),
+                        "--text", str(tdir / f"{tname}.txt"), "--out", str(out)], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        a = np.asarray(hf((tdir / f"{tname}.txt").read_text(), add_special_tokens=False,
+                          split_special_tokens=True)["input_ids"])
+        b = np.load(out)
+        n = min(len(a), len(b))
+        diff = np.nonzero(a[:n] != b[:n])[0]
+        res[tname] = {"hf_tokens": int(len(a)), "llamacpp_tokens": int(len(b)),
+                      "equal": bool(len(a) == len(b) and len(diff) == 0),
+                      "first_difference": int(diff[0]) if len(diff) else (None if len(a) == len(b) else n)}
+    return res
 
 
 def file_types_check(ck) -> None:
@@ -499,7 +532,7 @@ def report():
               f"{num(op, 'wikitext2')} | {num(op, 'c4')} | {be} |")
     toks = [r for r in data["rows"] if r["name"].startswith("tokenizer: ")]
     if toks:
-        print("\n| tokenizer.json pre-tokenizer | written as | WikiText-2: ours / llama.cpp tokens | C4: ours / llama.cpp tokens |")
+        print("\n| tokenizer (tokenizer.json) | written as | WikiText-2: ours / llama.cpp tokens | C4: ours / llama.cpp tokens |")
         print("|---|---|---|---|")
         for r in toks:
             cell = lambda t: (f"{t['hf_tokens']:,} / {t['llamacpp_tokens']:,} "  # noqa: E731

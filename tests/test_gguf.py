@@ -303,11 +303,130 @@ def test_kquant_refusals_come_before_any_work(tmp_path):
         r = _run(["--model", str(model), "--output", str(out), *base, *extra])
         assert r.returncode == 2 and msg in r.stderr and not out.exists(), (extra, r.stderr[-1500:])
     tok = json.loads((model / "tokenizer.json").read_text())         # a pre-tokenizer llama.cpp has no name for
-    tok["pre_tokenizer"] = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": False}
-    (model / "tokenizer.json").write_text(json.dumps(tok))
-    r = _run(["--model", str(model), "--kquant", "q4_k", "--export", "gguf", "--output", str(tmp_path / "c"), *base])
-    assert r.returncode == 2 and "pre-tokenizer (Metaspace)" in r.stderr and not (tmp_path / "c").exists(), r.stderr
+    for pre, msg in (({"type": "Sequence", "pretokenizers": [{"type": "Whitespace"}, tok["pre_tokenizer"]]},
+                      "pre-tokenizer (Whitespace, ByteLevel)"),
+                     ({"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": False},
+                      "without byte fallback")):       # SentencePiece spaces on a byte-level vocabulary
+        (model / "tokenizer.json").write_text(json.dumps({**tok, "pre_tokenizer": pre}))
+        r = _run(["--model", str(model), "--kquant", "q4_k", "--export", "gguf", "--output", str(tmp_path / "c"), *base])
+        assert r.returncode == 2 and msg in r.stderr and not (tmp_path / "c").exists(), r.stderr
     model = _llama256(tmp_path / "m3", hidden=96)
     r = _run(["--model", str(model), "--kquant", "q4_k", "--kquant-embedding", "q6_k", "--output", str(tmp_path / "b"),
               *base])
     assert r.returncode == 2 and "--kquant-embedding q6_k" in r.stderr and not (tmp_path / "b").exists(), r.stderr
+
+
+def _llama_cpp_spm(text: str, tokens: list, scores: list, types: list, add_space_prefix: bool) -> list:
+    """llama.cpp's SentencePiece tokenizer (``llm_tokenizer_spm``), a slow reference: spaces become ``▁``
+    (one in front with ``add_space_prefix``), the text splits into characters, and the adjacent pair whose
+    union is the highest-scoring token merges first (the leftmost on a tie) until no union is a token;
+    a character that is no token becomes its UTF-8 bytes' ``<0xXX>`` tokens."""
+    import heapq
+    ids = {t: i for i, t in enumerate(tokens)}
+    text = ("▁" if add_space_prefix else "") + text.replace(" ", "▁")
+    sym = list(text)
+    alive = [True] * len(sym)
+    nxt, prv = list(range(1, len(sym) + 1)), list(range(-1, len(sym) - 1))
+    heap = []
+
+    def push(left):
+        right = nxt[left] if left >= 0 else -1
+        if left < 0 or right >= len(sym):
+            return
+        i = ids.get(sym[left] + sym[right])
+        if i is not None:
+            heapq.heappush(heap, (-scores[i], left, right, sym[left] + sym[right]))
+    for k in range(len(sym) - 1):
+        push(k)
+    while heap:
+        _, left, right, union = heapq.heappop(heap)
+        if not (alive[left] and alive[right]) or nxt[left] != right or sym[left] + sym[right] != union:
+            continue
+        sym[left], alive[right] = union, False
+        nxt[left] = nxt[right]
+        if nxt[right] < len(sym):
+            prv[nxt[right]] = left
+        push(prv[left])
+        push(left)
+    out = []
+    for k in range(len(sym)):
+        if alive[k]:
+            if sym[k] in ids:
+                out.append(ids[sym[k]])
+            else:
+                byte_ids = {t: i for i, t in enumerate(tokens) if types[i] == 6}
+                out.extend(byte_ids[f"<0x{b:02X}>"] for b in sym[k].encode())
+    return out
+
+
+def _stories_with_normalizer(tmp_path, normalizer, pre_tokenizer=None):
+    import shutil
+    src = REPO.parent / "shared" / "models" / "stories260K"
+    d = tmp_path / "stories"
+    shutil.copytree(src, d)
+    tok = json.loads((d / "tokenizer.json").read_text())
+    tok["normalizer"], tok["pre_tokenizer"] = normalizer, pre_tokenizer
+    (d / "tokenizer.json").write_text(json.dumps(tok))
+    return d
+
+
+LLAMA2_NORMALIZER = {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "▁"},
+                                                         {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]}
+
+
+@needs_shared
+def test_sentencepiece_tokenizer_is_written_as_llama_cpps_llama_vocabulary(tmp_path):
+    """A SentencePiece-style tokenizer (Llama 1/2: ``▁`` spaces, byte fallback; here stories260K's vocabulary
+    with Llama 2's normalizer) is written as llama.cpp's "llama" vocabulary: byte tokens typed BYTE, scores
+    from the merge order, the space prefix flag. llama.cpp's tokenizer algorithm (a slow reference of it)
+    on that vocabulary gives the model's own ids on TinyStories and WikiText-2 text; so does the tokenizer
+    transformers' GGUF loader rebuilds from the file, but for a text's leading space. (llama.cpp itself: ``benchmarks/llamacpp_check.py --tokenizer``.)"""
+    import gguf
+    from transformers import AutoTokenizer
+    from lowmem_boa.export.gguf_file import check_gguf_tokenizer
+    d = _stories_with_normalizer(tmp_path, LLAMA2_NORMALIZER)
+    assert check_gguf_tokenizer(d) == "llama"
+    sd = load_file(d / "model.safetensors")
+    path = write_llama_gguf(d, tmp_path / "s.gguf", sd.items(), float_type="f32")
+    r = gguf.GGUFReader(path)
+    field = lambda k: r.fields[k].contents()  # noqa: E731
+    assert field("tokenizer.ggml.model") == "llama" and field("tokenizer.ggml.add_space_prefix") is True
+    tokens, scores, types = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.scores"), field("tokenizer.ggml.token_type")
+    assert types[0] == gguf.TokenType.UNKNOWN and types[1] == types[2] == gguf.TokenType.CONTROL
+    assert all(types[i] == gguf.TokenType.BYTE for i in range(3, 259)) and tokens[3] == "<0x00>"
+    merges = json.loads((d / "tokenizer.json").read_text())["model"]["merges"]
+    made = list(dict.fromkeys(tokens.index("".join(m)) for m in merges[:20]))   # a token two merges make: once
+    assert all(scores[a] > scores[b] for a, b in zip(made, made[1:]))       # the first merges first
+    hf = AutoTokenizer.from_pretrained(d)
+    texts = [(DATA + "/tinystories/validation.txt", 6000), (DATA + "/wikitext2/test.txt", 6000)]
+    for f, n in texts:
+        text = open(f).read()[:n] + " ünïcödé ∑ 日本"
+        want = hf(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        assert _llama_cpp_spm(text, tokens, scores, types, True) == want, f
+    # transformers' GGUF loader rebuilds it as a Metaspace "first" tokenizer, which adds no second ▁ in
+    # front of a text that starts with a space (the model and llama.cpp do): equal on everything else
+    back = AutoTokenizer.from_pretrained(gguf_to_hf(path, tmp_path / "back"))
+    for f, n in texts:
+        text = open(f).read()[:n].lstrip(" ")
+        assert back(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] == \
+            hf(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
+def test_sentencepiece_normalizers_llama_cpp_cannot_apply_are_refused(tmp_path):
+    """Llama 2's two tokenizer.json forms (legacy normalizer; Metaspace without splitting) are accepted with
+    the space prefix; a Metaspace that splits words, and SentencePiece's remove_extra_whitespaces
+    (llama2.c's tokenizers: llama.cpp ignores that key for this vocabulary), are refused before any work."""
+    from lowmem_boa.export.gguf_file import sentencepiece_options
+    assert sentencepiece_options({"normalizer": LLAMA2_NORMALIZER}) == {"add_space_prefix": True}
+    meta = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": False}
+    assert sentencepiece_options({"pre_tokenizer": meta}) == {"add_space_prefix": True}
+    assert sentencepiece_options({"pre_tokenizer": {**meta, "prepend_scheme": "never"}}) == {"add_space_prefix": False}
+    assert sentencepiece_options({"pre_tokenizer": {"type": "ByteLevel"}}) is None
+    with pytest.raises(GGUFExportError, match="splits words"):
+        sentencepiece_options({"pre_tokenizer": {"type": "Metaspace", "replacement": "▁"}})
+    stories = json.loads((REPO.parent / "shared" / "models" / "stories260K" / "tokenizer.json").read_text()) \
+        if (REPO.parent / "shared" / "models" / "stories260K").is_dir() else {"normalizer": {
+            "type": "Sequence", "normalizers": [{"type": "Replace", "pattern": {"Regex": " {2,}"}, "content": " "},
+                                                *LLAMA2_NORMALIZER["normalizers"]]}}
+    with pytest.raises(GGUFExportError, match="remove_extra_whitespaces"):
+        sentencepiece_options(stories)

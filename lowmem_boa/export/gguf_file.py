@@ -5,9 +5,10 @@ model, and the way back to a Hugging Face directory.
 (``convert_hf_to_gguf.py``): GGUF names (``blk.N.attn_q.weight`` ...), q/k rows permuted to
 llama.cpp's rotary layout (within each head, the two halves interleaved), norms in float32, the other
 tensors in float16, bfloat16 or float32, the tied output head omitted, the hyper-parameters llama.cpp reads
-and the tokenizer (byte-level BPE, ``tokenizer.ggml.model = gpt2``: tokens, types, merges, special
-ids, chat template; the pre-tokenizer named as llama.cpp names it, so that it splits text as the
-model's tokenizer does). Weights solved on a k-quant grid (``KQuantTensor``: codes and stored fields
+and the tokenizer: byte-level BPE (Llama 3, SmolLM2: ``tokenizer.ggml.model = gpt2``, tokens, types,
+merges, the pre-tokenizer named as llama.cpp names it, so that it splits text as the model's tokenizer
+does) or SentencePiece-style BPE (Llama 1/2: ``llama``, tokens, byte tokens, scores in merge order,
+the space prefix), with special ids and chat template; any other tokenizer is refused before work. Weights solved on a k-quant grid (``KQuantTensor``: codes and stored fields
 from ``gptq_quantize`` / ``boa_quantize`` with ``kquant=``) are written as their GGUF blocks, q/k rows
 permuted with their fields; the float16 file is also what llama.cpp's own quantizer starts from.
 
@@ -18,6 +19,7 @@ back into a Hugging Face directory through transformers' GGUF loader, for ``run_
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,39 +116,128 @@ def pre_tokenizer_name(tok: dict) -> str:
                           "llama.cpp would tokenize text differently from the model's own tokenizer")
 
 
+SPM_SPACE = "\u2581"   # SentencePiece's space symbol
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")   # a byte-fallback token
+
+
+def sentencepiece_options(tok: dict) -> dict | None:
+    """SentencePiece-style BPE (Llama 1/2, Mistral, TinyLlama: ``▁`` for spaces, byte fallback), as
+    llama.cpp's "llama" vocabulary expresses it: ``{"add_space_prefix": bool}``; None for a byte-level
+    tokenizer. A normalizer step llama.cpp does not apply is refused: SentencePiece's
+    remove_extra_whitespaces (llama2.c's tokenizers: leading/trailing spaces dropped, runs collapsed) is
+    a GGUF key that llama.cpp (llama-cpp-python 0.3.36) ignores for this vocabulary: measured, it then
+    tokenizes WikiText-2 into other ids from the first token (``benchmarks/llamacpp_check.py --tokenizer``)."""
+    pre = tok.get("pre_tokenizer") or {}
+    norm = tok.get("normalizer") or {}
+    steps = norm.get("normalizers", []) if norm.get("type") == "Sequence" else ([norm] if norm else [])
+    metaspace = pre.get("type") == "Metaspace"
+    if not metaspace and not any(st.get("type") == "Replace" and st.get("content") == SPM_SPACE for st in steps):
+        return None
+    opts = {"add_space_prefix": False}
+    if metaspace:
+        if pre.get("replacement", SPM_SPACE) != SPM_SPACE or pre.get("split", True):   # tokenizers' default: split
+            raise GGUFExportError("GGUF export: a Metaspace pre-tokenizer that splits words is not llama.cpp's "
+                                  "SentencePiece tokenization")
+        scheme = pre.get("prepend_scheme") or ("always" if pre.get("add_prefix_space", True) else "never")
+        opts["add_space_prefix"] = scheme in ("always", "first")
+    for st in steps:
+        kind, pattern = st.get("type"), st.get("pattern", {})
+        if kind == "Prepend" and st.get("prepend") == SPM_SPACE:
+            opts["add_space_prefix"] = True
+        elif kind == "Replace" and pattern.get("String") == " " and st.get("content") == SPM_SPACE:
+            pass
+        else:
+            raise GGUFExportError(f"GGUF export: the tokenizer's normalizer step {kind} {pattern or ''} is not "
+                                  "applied by llama.cpp's SentencePiece tokenizer (e.g. SentencePiece's "
+                                  "remove_extra_whitespaces); llama.cpp would tokenize text differently")
+    return opts
+
+
 def check_gguf_tokenizer(model_dir: str | Path) -> str:
-    """The llama.cpp pre-tokenizer name of ``model_dir``'s tokenizer, or a clear error (before any work)."""
+    """How llama.cpp will tokenize ``model_dir``'s tokenizer: the pre-tokenizer name of a byte-level BPE
+    tokenizer, or "llama" for a SentencePiece-style one; a clear error (before any work) otherwise."""
     tok_file = Path(model_dir) / "tokenizer.json"
     if not tok_file.is_file():
         raise GGUFExportError(f"{model_dir}: no tokenizer.json to write into the GGUF")
     tok = json.loads(tok_file.read_text())
     if tok.get("model", {}).get("type") != "BPE":
-        raise GGUFExportError(f"GGUF export writes byte-level BPE tokenizers; this one is "
+        raise GGUFExportError(f"GGUF export writes BPE tokenizers (byte level or SentencePiece style); this one is "
                               f"'{tok.get('model', {}).get('type')}'")
+    if sentencepiece_options(tok) is not None:
+        if not tok["model"].get("byte_fallback"):
+            raise GGUFExportError("GGUF export: SentencePiece-style spaces (▁) without byte fallback tokens: not a "
+                                  "vocabulary llama.cpp's SentencePiece tokenizer reads as the model does")
+        return "llama"
     return pre_tokenizer_name(tok)
+
+
+def _vocab(tok: dict) -> tuple[dict, dict, int]:
+    vocab = dict(tok["model"]["vocab"])
+    added = {t["content"]: t for t in tok.get("added_tokens", [])}
+    for content, t in added.items():
+        vocab.setdefault(content, t["id"])
+    return vocab, added, max(vocab.values()) + 1
+
+
+def sentencepiece_scores(tok: dict) -> list[float]:
+    """Token scores for llama.cpp's SentencePiece tokenizer, which merges the adjacent pair whose union
+    is the highest-scoring token: ``-rank`` of the first merge that makes the token (transformers' merges
+    of a SentencePiece model are ordered by its scores), so llama.cpp merges in the order of the
+    tokenizer's own merges; characters, bytes and added tokens score 0 (no merge makes them), a longer
+    token no merge makes scores below every merge (llama.cpp could still form it; transformers never)."""
+    vocab, added, n = _vocab(tok)
+    merges = tok["model"].get("merges", [])
+    scores = [0.0] * n
+    seen = set()
+    for rank, merge in enumerate(merges):
+        a, b = merge.split(" ", 1) if isinstance(merge, str) else merge
+        i = vocab.get(a + b)
+        if i is not None and i not in seen:
+            seen.add(i)
+            scores[i] = -float(rank)
+    for text, i in vocab.items():
+        if i not in seen and len(text) > 1 and text not in added and not _BYTE_TOKEN.fullmatch(text):
+            scores[i] = -float(len(merges))
+    return scores
 
 
 def _tokenizer_kv(writer, model_dir: Path) -> None:
     import gguf
-    pre = check_gguf_tokenizer(model_dir)
+    kind = check_gguf_tokenizer(model_dir)
     tok = json.loads((model_dir / "tokenizer.json").read_text())
-    model = tok["model"]
-    vocab = dict(model["vocab"])
-    added = {t["content"]: t for t in tok.get("added_tokens", [])}
-    for content, t in added.items():
-        vocab.setdefault(content, t["id"])
-    n = max(vocab.values()) + 1
+    vocab, added, n = _vocab(tok)
     tokens, types = [f"[PAD{i}]" for i in range(n)], [gguf.TokenType.UNUSED] * n
+    spm = kind == "llama"
+    unk = tok["model"].get("unk_token")
+    cfg_file = model_dir / "tokenizer_config.json"
+    if unk is None and cfg_file.is_file():
+        unk = json.loads(cfg_file.read_text()).get("unk_token")
+        unk = unk.get("content") if isinstance(unk, dict) else unk
     for text, i in vocab.items():
         tokens[i] = text
         t = added.get(text)
-        types[i] = (gguf.TokenType.CONTROL if t.get("special") else gguf.TokenType.USER_DEFINED) if t \
-            else gguf.TokenType.NORMAL
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=n).add_to_gguf(writer)
+        if spm and text == unk:
+            types[i] = gguf.TokenType.UNKNOWN
+        elif t:
+            types[i] = gguf.TokenType.CONTROL if t.get("special") else gguf.TokenType.USER_DEFINED
+        elif spm and tok["model"].get("byte_fallback") and _BYTE_TOKEN.fullmatch(text):
+            types[i] = gguf.TokenType.BYTE
+        else:
+            types[i] = gguf.TokenType.NORMAL
+    if spm:
+        opts = sentencepiece_options(tok)
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(tokens)
+        writer.add_token_scores(sentencepiece_scores(tok))
+        writer.add_token_types(types)
+        writer.add_add_space_prefix(opts["add_space_prefix"])
+    else:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(kind)
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+    gguf.SpecialVocab(model_dir, load_merges=not spm, n_vocab=n).add_to_gguf(writer)
 
 
 @dataclass
