@@ -295,6 +295,8 @@ def main(argv=None):
                     "llama.cpp's own file of each file type")
     ap.add_argument("--tokenizer", action="store_true", help="only: llama.cpp's tokenization of our GGUF against the "
                     "model's own tokenizer (pre-tokenizer names)")
+    ap.add_argument("--archs", action="store_true", help="only: llama.cpp runs a small random model of each "
+                    "architecture the GGUF writer names (llama, qwen2, qwen3) as our evaluator does")
     ap.add_argument("--out", type=Path, default=None, help="results file (default benchmarks/results/llamacpp_check.json)")
     ap.add_argument("--work", type=Path, default=None, help="work directory (default benchmarks/_work/llamacpp)")
     args = ap.parse_args(argv)
@@ -310,6 +312,8 @@ def main(argv=None):
         return tokenizer_check(ck)
     if args.file_types:
         return file_types_check(ck)
+    if args.archs:
+        return archs_check(ck)
     lib = libggml()
     sd = fp_weights(ck.model)
     f16 = WORK / "smollm2-f16.gguf"
@@ -387,7 +391,7 @@ def tokenizer_check(ck) -> None:
     """llama.cpp's tokenization of WikiText-2 test and C4 text (the first 300,000 characters / 200 documents)
     with our GGUF's vocabulary and pre-tokenizer name against the model's own (Hugging Face) tokenizer:
     SmolLM2's tokenizer as built here (GPT-2's byte-level regex), and two variants of its tokenizer.json
-    (SmolLM's original digits + byte level; Llama 3's split regex), each written by ``write_llama_gguf``
+    (SmolLM's original digits + byte level; Llama 3's and Qwen2's split regexes), each written by ``write_llama_gguf``
     with the name it detects, and the name written before that detection ("default"); then a
     SentencePiece-style vocabulary (Llama 1/2's kind: stories260K's)."""
     import copy
@@ -406,7 +410,10 @@ def tokenizer_check(ck) -> None:
                     {"type": "Digits", "individual_digits": True}, base["pre_tokenizer"]]},
                 "llama 3 split": {"type": "Sequence", "pretokenizers": [
                     {"type": "Split", "pattern": {"Regex": gf.LLAMA3_SPLIT}, "behavior": "Isolated", "invert": False},
-                    {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}}
+                    {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+                "qwen2 split": {"type": "Sequence", "pretokenizers": [
+                    {"type": "Split", "pattern": {"Regex": gf.QWEN2_SPLIT}, "behavior": "Isolated", "invert": False},
+                    {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]}}
     sd = fp_weights(ck.model)
     for label, pre in [*variants.items(), ("as built, written as 'default'", base["pre_tokenizer"])]:
         d = tdir / label.replace(" ", "_").replace(",", "").replace("'", "")
@@ -476,6 +483,39 @@ def _compare_tokens(ck, gguf_path: Path, hf, texts: dict, tdir: Path, work: Path
     return res
 
 
+def archs_check(ck) -> None:
+    """Each architecture the GGUF writer names (llama, qwen2 with its q/k/v biases, qwen3 with its q/k norms
+    and a head size of its own) loaded by llama.cpp: a small random model of each (tests/tiny_models.py,
+    2 blocks, float32 file), perplexity by llama.cpp against our evaluator on the same 8 windows of 128
+    WikiText-2 test tokens. Random weights are the hard case: any mismatch in names, head layout or
+    rotary order changes the logits."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from tiny_models import TOKENIZER_SRC, save_tiny_model
+    from transformers import AutoTokenizer
+    from lowmem_boa.eval.perplexity import streaming_nll
+    from lowmem_boa.export.gguf_file import write_llama_gguf
+    tok = AutoTokenizer.from_pretrained(TOKENIZER_SRC)
+    ids = tok((SHARED / "data" / "wikitext2" / "test.txt").read_text()[:20_000], add_special_tokens=False)["input_ids"]
+    windows = torch.tensor(ids[: 8 * 128]).reshape(8, 128)
+    adir = WORK / "archs"
+    adir.mkdir(exist_ok=True)
+    npy = adir / "wikitext2-8x128.npy"
+    np.save(npy, windows.numpy())
+    for fam in ("llama", "qwen2", "qwen3"):
+        d = save_tiny_model(fam, adir / fam, seed=7)
+        path = write_llama_gguf(d, adir / f"{fam}.gguf", fp_weights(d).items(), float_type="f32")
+        res = adir / f"{fam}.ppl.json"
+        subprocess.run([str(ck.py), str(REPO / "benchmarks" / "llamacpp_eval.py"), "ppl", "--model", str(path),
+                        "--windows", str(npy), "--out", str(res)], check=True, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+        theirs = json.loads(res.read_text())["ppl"]
+        ours = streaming_nll(d, windows, torch.device("cpu"), 2 ** 30)["ppl"]
+        row = {"name": f"arch: {fam}", "ours": ours, "llamacpp": theirs, "relative_difference": theirs / ours - 1,
+               "windows": 8, "seqlen": 128}
+        ck.save_row(row)
+        print(json.dumps(row), flush=True)
+
+
 def file_types_check(ck) -> None:
     """llama.cpp's own file of each of its file types (``llama_model_quantize`` of the F16 GGUF) against
     ``--kquant FILE_TYPE``'s per-block types (``solvers.kquant.llama_file_type_overrides`` + fallbacks):
@@ -530,6 +570,13 @@ def report():
         emb = r.get("embedding") or ("F16" if not types or "F16" in types else "Q8_0" if "Q8_0" in types else "–")
         print(f"| {r['name']} | {r['bytes'] / 1e6:.1f} | {emb} | {num(lp, 'wikitext2')} | {num(lp, 'c4')} | "
               f"{num(op, 'wikitext2')} | {num(op, 'c4')} | {be} |")
+    archs = [r for r in data["rows"] if r["name"].startswith("arch: ")]
+    if archs:
+        print("\n| architecture (random 2-block model, float32 file) | ours | llama.cpp | difference |")
+        print("|---|---|---|---|")
+        for r in archs:
+            print(f"| {r['name'][len('arch: '):]} | {r['ours']:.4f} | {r['llamacpp']:.4f} | "
+                  f"{100 * r['relative_difference']:+.4f} % |")
     toks = [r for r in data["rows"] if r["name"].startswith("tokenizer: ")]
     if toks:
         print("\n| tokenizer (tokenizer.json) | written as | WikiText-2: ours / llama.cpp tokens | C4: ours / llama.cpp tokens |")

@@ -34,10 +34,14 @@ def test_names_and_refusals():
     assert gguf_name("model.layers.3.self_attn.k_proj.weight") == "blk.3.attn_k.weight"
     assert gguf_name("model.layers.12.mlp.down_proj.weight") == "blk.12.ffn_down.weight"
     assert gguf_name("model.embed_tokens.weight") == "token_embd.weight"
+    assert gguf_name("model.layers.2.self_attn.q_proj.bias") == "blk.2.attn_q.bias"          # Qwen2
+    assert gguf_name("model.layers.2.self_attn.k_norm.weight") == "blk.2.attn_k_norm.weight"  # Qwen3
     with pytest.raises(GGUFExportError, match="no GGUF name"):
-        gguf_name("model.layers.0.self_attn.q_norm.weight")
-    with pytest.raises(GGUFExportError, match="Llama architecture"):
+        gguf_name("model.layers.0.self_attn.o_proj.bias")
+    with pytest.raises(GGUFExportError, match="Llama, Qwen2 and Qwen3"):
         check_gguf_exportable({"model_type": "opt"})
+    with pytest.raises(GGUFExportError, match="sliding-window"):
+        check_gguf_exportable({"model_type": "qwen2", "use_sliding_window": True})
     with pytest.raises(GGUFExportError, match="rope scaling 'llama3'"):
         check_gguf_exportable({"model_type": "llama", "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}})
 
@@ -46,7 +50,7 @@ def test_pre_tokenizer_names_are_llama_cpps_and_unknown_ones_are_refused():
     """``tokenizer.ggml.pre`` picks llama.cpp's regexes: each name here was checked against the model's own
     tokenizer on WikiText-2 and C4 text through llama.cpp (``benchmarks/llamacpp_check.py --tokenizer``:
     identical ids; "default", written before, splits SmolLM2's text into 16 % more tokens)."""
-    from lowmem_boa.export.gguf_file import LLAMA3_SPLIT, pre_tokenizer_name
+    from lowmem_boa.export.gguf_file import LLAMA3_SPLIT, QWEN2_SPLIT, pre_tokenizer_name
     byte = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
     assert pre_tokenizer_name({"pre_tokenizer": byte}) == "gpt-2"
     assert pre_tokenizer_name({"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
@@ -54,6 +58,9 @@ def test_pre_tokenizer_names_are_llama_cpps_and_unknown_ones_are_refused():
     assert pre_tokenizer_name({"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
         {"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT}, "behavior": "Isolated", "invert": False},
         {**byte, "use_regex": False}]}}) == "llama-bpe"
+    assert pre_tokenizer_name({"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": QWEN2_SPLIT}, "behavior": "Isolated", "invert": False},
+        {**byte, "use_regex": False}]}}) == "qwen2"
     for pre in ({"type": "Metaspace", "replacement": "▁"}, {**byte, "add_prefix_space": True}, None,
                 {"type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": {"Regex": r"\s+"}},
                                                        {**byte, "use_regex": False}]}):
@@ -283,6 +290,43 @@ def test_run_quant_kquant_exports_a_gguf_that_evaluates_like_the_run(tmp_path, m
     r = _run(args)
     assert r.returncode == 0, r.stderr[-3000:]
     assert gguf_file.read_bytes() == first
+
+
+@needs_shared
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_qwen_kquant_gguf_is_the_run_bit_for_bit(tmp_path, family):
+    """Qwen2 (q/k/v biases) and Qwen3 (q/k norms, a head size of its own) as llama.cpp's qwen2 / qwen3
+    architectures: q/k rows as they are (their rotary halves are already llama.cpp's NeoX order), biases
+    and norms under llama.cpp's names; the k-quant weights (here the 32-column fallback of Q4_K) are the
+    fake-quantized checkpoint's bit for bit, and the file evaluates like the run. (llama.cpp itself runs
+    all three architectures as our evaluator does: ``benchmarks/llamacpp_check.py --archs``.)"""
+    import gguf
+    from tiny_models import save_tiny_model
+    from lowmem_boa.export.gguf_file import QWEN2_SPLIT, check_gguf_tokenizer
+    model = save_tiny_model(family, tmp_path / "m", seed=2)
+    tok = json.loads((model / "tokenizer.json").read_text())       # Qwen's own pre-tokenizer, as Qwen models ship
+    tok["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": QWEN2_SPLIT}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]}
+    (model / "tokenizer.json").write_text(json.dumps(tok))
+    assert check_gguf_tokenizer(model) == "qwen2"
+    out = tmp_path / "q"
+    r = _run(["--model", str(model), "--method", "boa", "--kquant", "q4_k", "--nsamples", "4", "--seqlen", "64",
+              "--data-dir", DATA, "--device", "cpu", "--output", str(out), "--export", "gguf", "--no-progress"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    gguf_file = out / "gguf" / "model.gguf"
+    reader = gguf.GGUFReader(gguf_file)
+    types = {t.name: t.tensor_type.name.lower() for t in reader.tensors}
+    assert reader.fields["general.architecture"].contents() == family
+    assert types["blk.0.attn_q.weight"] == "q5_0" and types["output.weight"] == "q8_0"
+    extra = ["blk.1.attn_q.bias", "blk.1.attn_v.bias"] if family == "qwen2" else ["blk.1.attn_q_norm.weight"]
+    assert all(types[n] == "f32" for n in extra)
+    fake = load_file(out / "model.safetensors")
+    back = load_file(gguf_to_hf(gguf_file, tmp_path / "back") / "model.safetensors")
+    assert set(back) == set(fake)
+    for k, v in fake.items():
+        assert torch.equal(back[k], v), k
+    assert _eval_ppl(out, tmp_path / "fake.json") == _eval_ppl(gguf_file, tmp_path / "gguf.json")
 
 
 @needs_shared

@@ -186,6 +186,8 @@ def export_gguf(run_dir: Path, out_dir: Path, info: dict) -> Path:
             else:
                 fields = {k: t.get(f"kq_{k}") for k in ("sc", "m", "d", "dmin")}
                 yield f"{name}.weight", KQuantTensor(t["codes"], {"type": t["kq_type"], **fields})
+                if t.get("bias") is not None:     # Qwen2's q/k/v biases: as the checkpoint holds them
+                    yield f"{name}.bias", t["bias"]
 
     out_dir.mkdir(parents=True, exist_ok=True)
     return write_llama_gguf(run_dir, out_dir / "model.gguf", tensors(), float_type=float_type,

@@ -26,7 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-GGUF_ARCH = {"llama": "llama"}   # transformers model_type -> GGUF architecture written here
+# transformers model_type -> the GGUF architecture written (llama.cpp's converter: LlamaModel, Qwen2Model,
+# Qwen3Model); llama.cpp's "llama" rotates interleaved halves (q/k rows permuted), qwen2/qwen3 as
+# transformers does (NeoX order, rows as they are)
+GGUF_ARCH = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 
 _BLOCK_NAMES = {
     "input_layernorm.weight": "attn_norm.weight",
@@ -38,6 +41,11 @@ _BLOCK_NAMES = {
     "mlp.gate_proj.weight": "ffn_gate.weight",
     "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",        # Qwen2
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",   # Qwen3
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
 }
 _TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
               "lm_head.weight": "output.weight"}
@@ -48,7 +56,7 @@ class GGUFExportError(ValueError):
 
 
 def gguf_name(hf_name: str) -> str:
-    """Hugging Face parameter name of a Llama model -> llama.cpp's tensor name."""
+    """Hugging Face parameter name of a Llama / Qwen2 / Qwen3 model -> llama.cpp's tensor name."""
     if hf_name in _TOP_NAMES:
         return _TOP_NAMES[hf_name]
     parts = hf_name.split(".")
@@ -56,7 +64,7 @@ def gguf_name(hf_name: str) -> str:
         rest = ".".join(parts[3:])
         if rest in _BLOCK_NAMES:
             return f"blk.{int(parts[2])}.{_BLOCK_NAMES[rest]}"
-    raise GGUFExportError(f"no GGUF name for tensor '{hf_name}' (Llama architecture)")
+    raise GGUFExportError(f"no GGUF name for tensor '{hf_name}' (Llama, Qwen2, Qwen3 architectures)")
 
 
 def permute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -82,16 +90,20 @@ def _rope_theta(cfg: dict) -> float:
 def check_gguf_exportable(cfg: dict) -> None:
     """Refuse, before any work, a model this writer cannot express."""
     if cfg.get("model_type") not in GGUF_ARCH:
-        raise GGUFExportError(f"GGUF export supports the Llama architecture (model_type 'llama'); "
-                              f"this model is '{cfg.get('model_type')}'")
+        raise GGUFExportError(f"GGUF export supports the Llama, Qwen2 and Qwen3 architectures (model_type "
+                              f"{', '.join(repr(k) for k in GGUF_ARCH)}); this model is '{cfg.get('model_type')}'")
     _rope_theta(cfg)
-    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
-        raise GGUFExportError("GGUF export: attention/MLP biases are not written yet")
+    if cfg.get("attention_bias") or cfg.get("mlp_bias"):     # (Qwen2's q/k/v biases are its architecture's)
+        raise GGUFExportError("GGUF export: attention/MLP biases are not written for this architecture")
+    if cfg.get("use_sliding_window"):
+        raise GGUFExportError("GGUF export: sliding-window attention is not written")
 
 
 # llama.cpp's name for a byte-level BPE pre-tokenizer (``tokenizer.ggml.pre``): it splits text with the
 # regexes of that name, and a wrong name tokenizes differently from the model's own tokenizer (SmolLM2 as
 # "default": 86,430 tokens for WikiText-2 text it encodes in 74,566; benchmarks/llamacpp_check.py --tokenizer)
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+               r"\s*[\r\n]+|\s+(?!\S)|\s+")   # Qwen2/2.5/3's split: Llama 3's with single digits
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
 
@@ -99,7 +111,7 @@ LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
 def pre_tokenizer_name(tok: dict) -> str:
     """``tokenizer.json``'s pre-tokenizer as llama.cpp names it: byte-level with GPT-2's regex ("gpt-2"),
     single digits then GPT-2's regex (SmolLM's original tokenizer: "smollm"), Llama 3's split regex
-    ("llama-bpe"); anything else is refused (llama.cpp's converter refuses what it does not know)."""
+    ("llama-bpe"), Qwen2's ("qwen2"); anything else is refused (llama.cpp's converter refuses what it does not know)."""
     pre = tok.get("pre_tokenizer") or {}
     parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
     kinds = [p.get("type") for p in parts]
@@ -108,12 +120,13 @@ def pre_tokenizer_name(tok: dict) -> str:
     if (kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits")
             and parts[1].get("use_regex", True) and not parts[1].get("add_prefix_space")):
         return "smollm"
-    if (kinds == ["Split", "ByteLevel"] and parts[0].get("pattern", {}).get("Regex") == LLAMA3_SPLIT
-            and not parts[1].get("use_regex", True)):
-        return "llama-bpe"
+    if kinds == ["Split", "ByteLevel"] and not parts[1].get("use_regex", True):
+        name = {LLAMA3_SPLIT: "llama-bpe", QWEN2_SPLIT: "qwen2"}.get(parts[0].get("pattern", {}).get("Regex"))
+        if name:
+            return name
     raise GGUFExportError(f"GGUF export: the tokenizer's pre-tokenizer ({', '.join(map(str, kinds)) or 'none'}) is not "
-                          "one llama.cpp names here (GPT-2 byte level, SmolLM's digits + byte level, Llama 3's split); "
-                          "llama.cpp would tokenize text differently from the model's own tokenizer")
+                          "one llama.cpp names here (GPT-2 byte level, SmolLM's digits + byte level, Llama 3's or "
+                          "Qwen2's split); llama.cpp would tokenize text differently from the model's own tokenizer")
 
 
 SPM_SPACE = "\u2581"   # SentencePiece's space symbol
@@ -277,7 +290,7 @@ class RawGGUFTensor:
 def write_llama_gguf(model_dir: str | Path, out_path: str | Path, tensors, float_type: str = "f16",
                      file_type: str | None = None) -> Path:
     """Write ``tensors`` (``(hf_name, torch.Tensor, KQuantTensor or RawGGUFTensor)`` pairs, e.g. a checkpoint's) of the
-    Llama model in ``model_dir`` (config and tokenizer) as a GGUF file; ``float_type`` f16, bf16 or f32 for
+    Llama / Qwen2 / Qwen3 model in ``model_dir`` (config and tokenizer) as a GGUF file; ``float_type`` f16, bf16 or f32 for
     the float matrices, k-quant types for :class:`KQuantTensor` weights; ``file_type`` the ``--kquant``
     choice for ``general.file_type`` (default: the float type's)."""
     import gguf
@@ -290,7 +303,8 @@ def write_llama_gguf(model_dir: str | Path, out_path: str | Path, tensors, float
     d = int(cfg["hidden_size"])
     head_dim = int(cfg.get("head_dim") or d // n_head)
     tmp = out_path.with_name(out_path.name + ".partial")
-    w = gguf.GGUFWriter(str(tmp), arch=GGUF_ARCH[cfg["model_type"]])
+    arch = GGUF_ARCH[cfg["model_type"]]
+    w = gguf.GGUFWriter(str(tmp), arch=arch)
     w.add_name(model_dir.name)
     w.add_context_length(int(cfg["max_position_embeddings"]))
     w.add_embedding_length(d)
@@ -313,7 +327,8 @@ def write_llama_gguf(model_dir: str | Path, out_path: str | Path, tensors, float
     for name, t in tensors:
         if name == "lm_head.weight" and tied:
             continue
-        heads = n_head if name.endswith("q_proj.weight") else n_kv if name.endswith("k_proj.weight") else None
+        heads = None if arch != "llama" else \
+            n_head if name.endswith("q_proj.weight") else n_kv if name.endswith("k_proj.weight") else None
         if isinstance(t, KQuantTensor):
             raw, qtype = (t.permute_rows(heads) if heads else t).blocks()
             w.add_tensor(gguf_name(name), raw, raw_dtype=qtype)
@@ -345,9 +360,16 @@ def write_llama_gguf(model_dir: str | Path, out_path: str | Path, tensors, float
 def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float32) -> Path:
     """A GGUF file -> a Hugging Face directory (weights dequantized by transformers' GGUF loader,
     tokenizer and config from the file's metadata)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import gguf
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=dtype)
+    config = AutoConfig.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    fields = gguf.GGUFReader(gguf_path).fields
+    arch = fields["general.architecture"].contents()
+    if f"{arch}.attention.key_length" in fields:   # transformers' loader does not read it (Qwen3's head_dim)
+        config.head_dim = int(fields[f"{arch}.attention.key_length"].contents())
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=dtype,
+                                                 config=config)
     cfg = model.config.to_dict()
     cfg.pop("quantization_config", None)
     clean = type(model)(type(model.config).from_dict(cfg))
