@@ -570,23 +570,22 @@ def report():
         emb = r.get("embedding") or ("F16" if not types or "F16" in types else "Q8_0" if "Q8_0" in types else "–")
         print(f"| {r['name']} | {r['bytes'] / 1e6:.1f} | {emb} | {num(lp, 'wikitext2')} | {num(lp, 'c4')} | "
               f"{num(op, 'wikitext2')} | {num(op, 'c4')} | {be} |")
-    archs = [r for r in data["rows"] if r["name"].startswith("arch: ")]
-    if archs:
-        print("\n| architecture (random 2-block model, float32 file) | ours | llama.cpp | difference |")
-        print("|---|---|---|---|")
-        for r in archs:
-            print(f"| {r['name'][len('arch: '):]} | {r['ours']:.4f} | {r['llamacpp']:.4f} | "
-                  f"{100 * r['relative_difference']:+.4f} % |")
-    toks = [r for r in data["rows"] if r["name"].startswith("tokenizer: ")]
-    if toks:
-        print("\n| tokenizer (tokenizer.json) | written as | WikiText-2: ours / llama.cpp tokens | C4: ours / llama.cpp tokens |")
-        print("|---|---|---|---|")
-        for r in toks:
-            cell = lambda t: (f"{t['hf_tokens']:,} / {t['llamacpp_tokens']:,} "  # noqa: E731
-                              + ("(identical)" if t["equal"] else f"(first difference at token {t['first_difference']})"))
-            print(f"| {r['name'][len('tokenizer: '):]} | {r['pre']} | {cell(r['texts']['wikitext2'])} | "
-                  f"{cell(r['texts']['c4'])} |")
 
+    def section(prefix: str, header: list, cells) -> None:   # the rows named "PREFIX…", one table
+        rows = [r for r in data["rows"] if r["name"].startswith(prefix)]
+        if rows:
+            print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+            for r in rows:
+                print("| " + " | ".join([r["name"][len(prefix):], *cells(r)]) + " |")
+
+    def tokens(t):
+        return (f"{t['hf_tokens']:,} / {t['llamacpp_tokens']:,} "
+                + ("(identical)" if t["equal"] else f"(first difference at token {t['first_difference']})"))
+    section("arch: ", ["architecture (random 2-block model, float32 file)", "ours", "llama.cpp", "difference"],
+            lambda r: [f"{r['ours']:.4f}", f"{r['llamacpp']:.4f}", f"{100 * r['relative_difference']:+.4f} %"])
+    section("tokenizer: ", ["tokenizer (tokenizer.json)", "written as", "WikiText-2: ours / llama.cpp tokens",
+                            "C4: ours / llama.cpp tokens"],
+            lambda r: [r["pre"], tokens(r["texts"]["wikitext2"]), tokens(r["texts"]["c4"])])
 
 if __name__ == "__main__":
     main()
