@@ -1,16 +1,18 @@
-"""GGUF files for llama.cpp: the container, names, metadata and tokenizer of a Llama-architecture
+"""GGUF files for llama.cpp: the container, names, metadata and tokenizer of a Llama, Qwen2 or Qwen3
 model, and the way back to a Hugging Face directory.
 
 ``write_llama_gguf`` writes a model directory's weights as llama.cpp's converter would
-(``convert_hf_to_gguf.py``): GGUF names (``blk.N.attn_q.weight`` ...), q/k rows permuted to
-llama.cpp's rotary layout (within each head, the two halves interleaved), norms in float32, the other
+(``convert_hf_to_gguf.py``): GGUF names (``blk.N.attn_q.weight`` ...; Qwen2's q/k/v biases, Qwen3's q/k
+norms), for Llama q/k rows permuted to llama.cpp's rotary layout (within each head, the two halves
+interleaved; Qwen's rows stay in their NeoX order), norms in float32, the other
 tensors in float16, bfloat16 or float32, the tied output head omitted, the hyper-parameters llama.cpp reads
 and the tokenizer: byte-level BPE (Llama 3, SmolLM2: ``tokenizer.ggml.model = gpt2``, tokens, types,
 merges, the pre-tokenizer named as llama.cpp names it, so that it splits text as the model's tokenizer
 does) or SentencePiece-style BPE (Llama 1/2: ``llama``, tokens, byte tokens, scores in merge order,
-the space prefix), with special ids and chat template; any other tokenizer is refused before work. Weights solved on a k-quant grid (``KQuantTensor``: codes and stored fields
-from ``gptq_quantize`` / ``boa_quantize`` with ``kquant=``) are written as their GGUF blocks, q/k rows
-permuted with their fields; the float16 file is also what llama.cpp's own quantizer starts from.
+the space prefix), with special ids and chat template; any other tokenizer is refused before work.
+Weights solved on a k-quant grid (``KQuantTensor``: codes and stored fields from ``gptq_quantize`` /
+``boa_quantize`` with ``kquant=``) are written as their GGUF blocks, q/k rows permuted with their
+fields; the float16 file is also what llama.cpp's own quantizer starts from.
 
 ``gguf_to_hf`` reads a GGUF (any type the ``gguf`` package dequantizes: every k-quant included)
 back into a Hugging Face directory through transformers' GGUF loader, for ``run_eval.py``.
@@ -111,7 +113,8 @@ LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
 def pre_tokenizer_name(tok: dict) -> str:
     """``tokenizer.json``'s pre-tokenizer as llama.cpp names it: byte-level with GPT-2's regex ("gpt-2"),
     single digits then GPT-2's regex (SmolLM's original tokenizer: "smollm"), Llama 3's split regex
-    ("llama-bpe"), Qwen2's ("qwen2"); anything else is refused (llama.cpp's converter refuses what it does not know)."""
+    ("llama-bpe"), Qwen2's ("qwen2"); anything else is refused (llama.cpp's converter refuses what it does
+    not know)."""
     pre = tok.get("pre_tokenizer") or {}
     parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
     kinds = [p.get("type") for p in parts]
