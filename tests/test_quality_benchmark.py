@@ -1,9 +1,11 @@
-"""benchmarks/quality.py: the one quality benchmark's profiles, flags, schema and report arithmetic."""
+"""benchmarks/quality.py (profiles, flags, schema, report arithmetic) and benchmarks/compound_error.py."""
 
 import json
+import shutil
 import sys
 
-from tiny_models import REPO
+import torch
+from tiny_models import DATA, REPO, needs_shared, save_tiny_model
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import quality  # noqa: E402
@@ -79,3 +81,27 @@ def test_two_studies_of_one_profile_keep_each_others_rows(tmp_path):
     assert sorted((r["variant"], r["seed"]) for r in on_disk["runs"]) == [("boa", 0), ("gptq", 0), ("gptq", 1)]
     assert on_disk["commands"] == ["a", "b"] and on_disk["fp"] == {"tinystories": 1.0}
     assert a == on_disk
+
+
+@needs_shared
+def test_compound_error_is_zero_for_the_fp_model_and_grafted_blocks_come_from_the_donor(tmp_path):
+    import compound_error
+    from transformers import AutoModelForCausalLM
+    fp = save_tiny_model("llama", tmp_path / "fp")
+    noisy = tmp_path / "noisy"          # the fp model with block 1 perturbed
+    model = AutoModelForCausalLM.from_pretrained(fp)
+    with torch.no_grad():
+        for p in model.model.layers[1].parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(noisy)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(fp / f, noisy / f)
+    out = tmp_path / "errors.json"
+    compound_error.main(["--fp", str(fp), "--model", f"same={fp}", "--model", f"noisy={noisy}",
+                         "--model", f"fp+noisy:1={fp}+{noisy}:1", "--model", f"noisy+fp:1={noisy}+{fp}:1",
+                         "--text", "wikitext2", "--windows", "2", "--seqlen", "64", "--data-dir", DATA,
+                         "--out", str(out)])
+    res = json.loads(out.read_text())["models"]
+    assert max(res["same"]["raw"] + res["same"]["normed"]) == 0 and abs(res["same"]["kl"]) < 1e-9
+    assert res["noisy"]["normed"][1] == 0 < res["noisy"]["normed"][2] and res["noisy"]["kl"] > 0   # block 0 untouched
+    assert res["fp+noisy:1"] == res["noisy"] and res["noisy+fp:1"] == res["same"]
