@@ -89,7 +89,7 @@ PROFILES = {
 # default since its speed options (joint rows, coarse grid search; = "boa-turbo-fast" on SmolLM2, whose
 # heads have 64 rows), "gptq-turbo" GPTQ's default since issue 17.
 OLD_SOLVER = ["--no-fp-targets", "--fp-alpha", "1", "--refine-scales", "0", "--no-follow-grids", "--joint-rows", "1",
-              "--grid-coarse", "1"]
+              "--grid-coarse", "1", "--no-residual-weights"]
 VARIANTS = {
     "rtn": ["--method", "rtn", "--qparam", "minmax"],
     "gptq": ["--method", "gptq"],
@@ -157,6 +157,12 @@ VARIANTS = {
                         "search": ["--search-orders"], "damp03": ["--percdamp", "0.03"],
                         "damp10": ["--percdamp", "0.1"], "g64": ["--mlp-row-group", "64"],
                         "gfull": ["--mlp-row-group", "100000"]}.items()},
+    # --residual-weights (the MLP-output layer's tokens weighted by 1 / the block output's mean square) on
+    # today's defaults
+    "gptq-turbo-rw": ["--method", "gptq", "--fp-targets", "--fp-alpha", "0.25", "--refine-scales", "1",
+                      "--residual-weights"],
+    "boa-turbo-auto-rw": ["--method", "boa", "--fp-targets", "--fp-alpha", "0.25", "--follow-grids", "--refine-scales",
+                          "1", "--joint-rows", "auto", "--grid-coarse", "8", "--residual-weights"],
     "llmc-gptq": None,   # llm-compressor's GPTQModifier in its own virtualenv (benchmarks/llmc_gptq.py)
 }
 
@@ -186,7 +192,8 @@ STUDIES = {
                                           "boa-turbo-a1", "gptq-turbo-a0.1", "gptq-turbo-a0.5", "gptq-turbo-a1"], "nsamples": [None]},
     "defaults2": {"bits": ["2"], "variants": ["boa-turbo-auto", "gptq-turbo", "boa-turbo-noblockv", "boa-turbo-nomlprow",
                                               "boa-turbo-search", "boa-turbo-damp03", "boa-turbo-damp10", "boa-turbo-g64",
-                                              "boa-turbo-gfull"], "nsamples": [None]},
+                                              "boa-turbo-gfull", "gptq-turbo-rw", "boa-turbo-auto-rw"],
+                  "nsamples": [None]},
     "damp": {"bits": ["2"], "variants": ["gptq", "boa", "gptq-damp03", "boa-damp03", "gptq-damp10", "boa-damp10"],
              "nsamples": [None]},
 }

@@ -16,8 +16,10 @@ groups' inputs (``one_pass_statistics``); ``--true-sequential`` takes each group
 with the groups before it already quantized, a partial forward per group. With fp targets (the
 default for GPTQ/BoA) a second stream, the full-precision model's own block inputs, gives each
 layer the cross statistics ``C`` of its target (``solvers.target``); in one pass its chunk runs
-through the whole fp block once, which also gives the fp stream's next block input. The solvers run with the configured corrections (scale refinement,
-following grids, joint rows: ``solvers``).
+through the whole fp block once, which also gives the fp stream's next block input. With
+``--residual-weights`` the quantized stream's chunk also runs to the block's end, and the MLP-output
+layer's sums weigh each token by the inverse mean square of that output (``stats.residual_token_weights``).
+The solvers run with the configured corrections (scale refinement, following grids, joint rows: ``solvers``).
 
 Statistics are pure functions (``lowmem_boa.stats``), solvers are pure functions
 (``lowmem_boa.solvers``); every tensor that crosses devices goes through the scheduler.
@@ -43,7 +45,7 @@ from .solvers.kquant import layer_type
 from .solvers.objective import attention_loss, layer_loss
 from .solvers.target import fp_target_weight
 from .stats import (attention_grams, block_v_grams, cross_gram, gain_grams, gram, mlp_row_hessian,
-                    qk_row_hessians, wout_row_hessian)
+                    qk_row_hessians, residual_token_weights, wout_row_hessian)
 
 
 @dataclass
@@ -109,7 +111,13 @@ class BlockQuantizer:
                 "m": {n: self.sch.accumulator(f"E[m m^T] {n}", (I // gains, gains, gains))
                       for n in self.adapter.mlp_in} if gains else None, "gains": gains}
 
-    def _col_add(self, block, acc: dict, xa: torch.Tensor, xfa: torch.Tensor | None) -> None:
+    def _col_add(self, block, acc: dict, xa: torch.Tensor, xfa: torch.Tensor | None,
+                 weights: torch.Tensor | None = None) -> None:
+        """With ``weights`` (one per token, ``--residual-weights``) every sum is weighted by them."""
+        if weights is not None:
+            root = weights.sqrt().unsqueeze(-1)
+            xa = xa * root
+            xfa = None if xfa is None else xfa * root
         self.sch.accumulate(acc["H"], gram(xa))
         if xfa is not None:
             self.sch.accumulate(acc["C"], cross_gram(xfa, xa))
@@ -223,8 +231,14 @@ class BlockQuantizer:
             attn = self._attn_accumulators()
             cols = {name: self._col_accumulators(block, name, gains.get(name)) for name in later}
             tokens = 0
+            weight_sum = 0.0          # --residual-weights: the MLP-output layer's sums are weighted means
             for i0, i1, x, xf in self._pairs(store, self.plan.chunk):
-                cap, _ = capture_inputs(block, layers, x, self.kwargs)
+                cap, out_q = capture_inputs(block, layers, x, self.kwargs, full=self.qc.residual_weights)
+                weights = None
+                if out_q is not None:
+                    weights = residual_token_weights(out_q)
+                    weight_sum += weights.double().sum().item()
+                    del out_q
                 capf = {}
                 if xf is not None:
                     capf, out = capture_inputs(block, layers, xf, self.kwargs, full=True)
@@ -232,11 +246,13 @@ class BlockQuantizer:
                     del out
                 self._attn_add(block, attn, cap[a.q_proj], capf.get(a.q_proj))
                 for name in later:
-                    self._col_add(block, cols[name], cap[name], capf.get(name))
+                    self._col_add(block, cols[name], cap[name], capf.get(name),
+                                  weights if name == a.mlp_out else None)
                 tokens += x.numel() // x.shape[-1]
                 del cap, capf
             H_qkv, C_qkv, rows = self._attn_settle(block, attn, tokens)
-            early = {name: self._col_settle(cols[name], tokens) for name in later}
+            early = {name: self._col_settle(cols[name], weight_sum if self.qc.residual_weights and name == a.mlp_out
+                                            else tokens) for name in later}
         self.phase_seconds[PHASE_STATS] = time.perf_counter() - t0
         return H_qkv, C_qkv, rows, early
 

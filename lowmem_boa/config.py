@@ -89,6 +89,9 @@ class QuantConfig:
     kquant_embedding: str | None = None  # GGUF type of the token embedding / output head (rounded, no Hessian):
                                     # None = auto (llama.cpp's: Q6_K, Q8_0 where rows are not 256s); "float" keeps
                                     # the source precision. Not in the run's key: the blocks do not depend on it
+    residual_weights: bool = False  # MLP-output layer: each token's error divided by the block output's mean
+                                    # square there (what the next RMSNorm divides by; an attention-sink token's
+                                    # massive activation no longer owns H_col). GPTQ/BoA, one-pass statistics
     percdamp: float = 0.01
     block_size: int = 128
     calib: str = "wikitext2"
@@ -155,6 +158,9 @@ class QuantConfig:
             raise ValueError("--fp-targets needs calibration solves: use --method gptq or boa")
         if self.fp_targets and self.true_sequential:
             raise ValueError("--fp-targets fits one-pass statistics; it cannot be combined with --true-sequential")
+        if self.residual_weights and (self.method == "rtn" or self.true_sequential):
+            raise ValueError("--residual-weights weighs the one-pass calibration statistics: use --method gptq or boa "
+                             "without --true-sequential")
         if self.kquant is not None:
             from .solvers.kquant import FILE_TYPES, K_TYPES
             if self.kquant not in K_TYPES and self.kquant not in FILE_TYPES:
@@ -212,7 +218,7 @@ class QuantConfig:
 
 # option -> the value that reproduces the code before it existed (see QuantConfig.state_dict)
 ADDED_LATER = {"mlp_row_damp": 0.0, "fp_alpha": 1.0, "follow_grids": False, "refine_scales": 0, "joint_rows": 1,
-               "grid_coarse": 1, "kquant": None, "kquant_types": None}
+               "grid_coarse": 1, "kquant": None, "kquant_types": None, "residual_weights": False}
 
 
 @dataclass

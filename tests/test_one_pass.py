@@ -121,3 +121,70 @@ def test_the_plan_has_one_statistics_phase_unless_true_sequential(fp):
         assert PHASE_STATS not in seq.gflop_per_block
     # held on the host: every set at once, block_v's after them
     assert one.host_by_phase[PHASE_STATS] <= one.host_by_phase["block_v statistics"]
+
+
+def test_residual_token_weights_are_the_inverse_mean_square_and_weigh_every_sum():
+    from lowmem_boa.stats import residual_token_weights
+    out = torch.randn(2, 5, 8, dtype=torch.float64)
+    out[0, 0] *= 1000                                    # a "sink" token
+    w = residual_token_weights(out)
+    assert w.shape == (2, 5) and torch.allclose(w.double(), 1 / out.pow(2).mean(-1))
+
+    class Sch:
+        @staticmethod
+        def accumulate(acc, t):
+            acc += t
+
+    x, xf = torch.randn(2, 5, 4, dtype=torch.float64), torch.randn(2, 5, 4, dtype=torch.float64)
+    acc = {"H": torch.zeros(4, 4), "C": torch.zeros(4, 4), "m": None}
+    fake = type("Fake", (), {"sch": Sch()})()
+    block_mod.BlockQuantizer._col_add(fake, None, acc, x, xf, w)
+    wt = w.double().reshape(-1, 1)
+    xr, xfr = x.reshape(-1, 4), xf.reshape(-1, 4)
+    assert torch.allclose(acc["H"].double(), (xr * wt).T @ xr, rtol=1e-5)
+    assert torch.allclose(acc["C"].double(), (xfr * wt).T @ xr, rtol=1e-5)
+
+
+@needs_shared
+@pytest.mark.parametrize("method", ["gptq", "boa"])
+def test_residual_weights_weigh_only_the_mlp_output_layer_by_the_block_output(tmp_path, monkeypatch, method):
+    """``--residual-weights``: the MLP-output layer's H of block 0 is the brute-force weighted mean
+    ``sum_t w_t x_t x_t^T / sum_t w_t``, ``w_t`` = 1 / mean square of block 0's output (Hugging Face's
+    own forward on the calibration windows); every other layer's statistics are untouched."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from lowmem_boa.data import calibration_windows, load_source
+    model_dir = save_tiny_model("llama", tmp_path / "m", seed=3, n_layers=2)
+    settled = {}
+    original = block_mod.BlockQuantizer._col_settle
+
+    def recording(self, acc, tokens):
+        out = original(self, acc, tokens)
+        settled.setdefault((self.qc.residual_weights, acc["layer"]), out[0].clone())
+        return out
+
+    monkeypatch.setattr(block_mod.BlockQuantizer, "_col_settle", recording)
+    reports = {rw: _quant(model_dir, tmp_path / f"q{rw}", method=method, residual_weights=rw) for rw in (False, True)}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+    ids = calibration_windows(AutoTokenizer.from_pretrained(model_dir), load_source("wikitext2", "train", DATA),
+                              6, 48, 0)
+    box = {}
+    layer0 = model.model.layers[0]
+    layer0.mlp.down_proj.register_forward_pre_hook(lambda m, a: box.__setitem__("x", a[0]))
+    layer0.register_forward_hook(lambda m, a, o: box.__setitem__("h", o[0] if isinstance(o, tuple) else o))
+    with torch.no_grad():
+        model(ids)
+    x = box["x"].reshape(-1, box["x"].shape[-1])
+    w = 1 / box["h"].pow(2).mean(-1).reshape(-1, 1)
+    name = "mlp.down_proj"
+    assert torch.allclose(settled[(True, name)].double(), (x * w).T @ x / w.sum(), rtol=1e-4, atol=1e-6)
+    assert torch.allclose(settled[(False, name)].double(), x.T @ x / x.shape[0], rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(settled[(True, name)], settled[(False, name)], rtol=1e-2)
+    for layer in ("self_attn.o_proj", "mlp.gate_proj"):
+        assert torch.equal(settled[(True, layer)], settled[(False, layer)]), layer
+    assert reports[True]["config"]["residual_weights"] is True
+
+
+def test_residual_weights_are_refused_where_they_do_not_apply():
+    for kw in (dict(method="rtn"), dict(method="boa", true_sequential=True, fp_targets=False)):
+        with pytest.raises(ValueError, match="--residual-weights"):
+            QuantConfig(model="m", residual_weights=True, **kw).validate()

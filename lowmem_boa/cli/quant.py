@@ -19,7 +19,7 @@ from ..solvers.validation import GRIDS
 PRESET_KEYS = {"device", "max_gpu_mem", "max_cpu_mem", "hessians", "nsamples", "seqlen", "block_v", "dtype",
                "true_sequential", "v_row_hessian", "fp_targets", "fp_alpha", "follow_grids", "refine_scales",
                "joint_rows", "grid_coarse", "mlp_row_hessian", "mlp_row_group", "mlp_row_damp",
-               "data_dir", "calib", "qparam", "group_size", "percdamp", "block_size"}
+               "residual_weights", "data_dir", "calib", "qparam", "group_size", "percdamp", "block_size"}
 
 
 def _joint_rows(text: str) -> int | None:
@@ -74,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--mlp-row-damp", type=float, default=0.0,
                    help="--mlp-row-hessian: add this fraction of each row group's mean diagonal to its row Hessian "
                    "(0: none beyond --percdamp; large values approach GPTQ's independent rows)")
+    m.add_argument("--residual-weights", dest="residual_weights", action=argparse.BooleanOptionalAction,
+                   default=False,
+                   help="GPTQ/BoA: in the MLP-output layer's statistics weigh each calibration token by 1 / the mean "
+                   "square of the block's output there (the next RMSNorm's scale), so that an attention-sink token's "
+                   "massive activation does not own the Hessian (experimental, off; docs/results.md)")
     m.add_argument("--fp-targets", dest="fp_targets", action=argparse.BooleanOptionalAction, default=None,
                    help="GPTQ/BoA: fit each layer on the quantized model's input towards the full-precision model's "
                    "output of that layer (min ||Q X~ - W X||, asymmetric calibration, scaled by --fp-alpha); keeps a "
@@ -180,7 +185,7 @@ def parse(argv=None):
                      kquant_types=dict(args.kquant_type) if args.kquant_type else None,
                      kquant_embedding=args.kquant_embedding,
                      mlp_row_group=args.mlp_row_group, mlp_row_damp=args.mlp_row_damp,
-                     block_size=args.block_size, calib=args.calib, calib_file=args.calib_file,
+                     residual_weights=args.residual_weights, block_size=args.block_size, calib=args.calib, calib_file=args.calib_file,
                      nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, dtype=args.dtype)
     ro = RunOptions(output=args.output, device=args.device, max_gpu_mem=args.max_gpu_mem,
                     max_cpu_mem=args.max_cpu_mem, data_dir=args.data_dir, overwrite=args.overwrite,

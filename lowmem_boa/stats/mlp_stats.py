@@ -15,6 +15,9 @@ Kronecker objective is ``H_col = E[x x^T]`` with ``H_row = (W_out^T W_out) * E[m
 ``I`` rows solved as one head would need ``I`` sequential sweeps; the rows are split into groups
 of ``g`` consecutive rows ("heads" of the BoA solver) and the row Hessian kept block-diagonal,
 which costs ``g`` sweeps like an attention projection with head size ``g``.
+
+``residual_token_weights``: the per-token weights of the MLP-output layer's statistics under
+``--residual-weights`` (its error as the next block's RMSNorm passes it on).
 """
 
 from __future__ import annotations
@@ -51,3 +54,13 @@ def mlp_row_hessian(S: torch.Tensor, W_out: torch.Tensor, damp: float = 0.0) -> 
         diag = H.diagonal(dim1=1, dim2=2)
         diag += damp * diag.mean(dim=1, keepdim=True)
     return H
+
+
+def residual_token_weights(out: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """``--residual-weights``: one weight per token, ``1 / mean(h_t^2)`` of the block output ``out``
+    (``(..., d)`` -> ``(...)``, float32). An error ``e_t`` the MLP-output layer adds to the residual stream
+    reaches the next block through its RMSNorm as ``e_t / rms(h_t)`` (to first order), so
+    ``sum_t w_t ||e_t||^2`` is the error the next block sees. Without it a token with a massive activation
+    (an attention sink: 99 % of ``H_col``'s trace in SmolLM2's block 11, docs/results.md) decides the layer
+    alone."""
+    return 1.0 / out.float().pow(2).mean(-1).clamp_min(eps)
