@@ -185,7 +185,8 @@ def parse(argv=None):
                      kquant_types=dict(args.kquant_type) if args.kquant_type else None,
                      kquant_embedding=args.kquant_embedding,
                      mlp_row_group=args.mlp_row_group, mlp_row_damp=args.mlp_row_damp,
-                     residual_weights=args.residual_weights, block_size=args.block_size, calib=args.calib, calib_file=args.calib_file,
+                     residual_weights=args.residual_weights, block_size=args.block_size, calib=args.calib,
+                     calib_file=args.calib_file,
                      nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, dtype=args.dtype)
     ro = RunOptions(output=args.output, device=args.device, max_gpu_mem=args.max_gpu_mem,
                     max_cpu_mem=args.max_cpu_mem, data_dir=args.data_dir, overwrite=args.overwrite,
