@@ -12,7 +12,9 @@ model on these windows. Every model sees the same token windows. For the full-pr
 prints where the residual stream's squared norm sits: the share held by each window's largest token
 and that token's position (a "massive activation" / attention-sink token shows as a share near 1), and
 the same share of the trace of each MLP-output layer's input Gram (``H_col`` of ``down_proj`` / ``fc2``
-on these windows, the matrix GPTQ and BoA solve that layer with).
+on these windows, the matrix GPTQ and BoA solve that layer with). ``--layers B`` adds, for block B, each
+linear layer's own output error ``||(Q - W) x||^2 / ||W x||^2`` on the fp model's inputs, over all tokens
+and without each window's largest token at that block's output (is a layer fitted to one token?).
 
     OMP_NUM_THREADS=1 python benchmarks/compound_error.py --fp ~/.cache/lowmem_boa/smollm2-135m \
         --model gptq-turbo=benchmarks/_work/quality/smollm2-135m/gptq-turbo-w2-n128-s0 \
@@ -60,6 +62,8 @@ def main(argv=None):
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
+    ap.add_argument("--layers", type=int, default=None, metavar="B",
+                    help="also each linear layer's own error in block B, with and without the largest token")
     ap.add_argument("--out", type=Path, default=None, help="write the numbers as JSON here")
     args = ap.parse_args(argv)
 
@@ -89,6 +93,14 @@ def main(argv=None):
 
     hooks = [fp.get_submodule(f"{adapter.block_name(i)}.{adapter.mlp_out}").register_forward_pre_hook(record(i))
              for i in range(len(fp.get_submodule(adapter.blocks_prefix)))]
+    layer_names = [n for group in adapter.quant_groups() for n in group]
+    layer_inputs, fp_weights = {}, {}   # --layers B: per layer, each window's inputs; the fp weights
+    if args.layers is not None:
+        for n in layer_names:
+            module = fp.get_submodule(f"{adapter.block_name(args.layers)}.{n}")
+            fp_weights[n] = module.weight.detach().double()
+            hooks.append(module.register_forward_pre_hook(
+                lambda m, inputs, n=n: layer_inputs.setdefault(n, []).append(inputs[0][0].double())))
     ref = [hidden_and_logprobs(fp, w) for w in ids]
     for h in hooks:
         h.remove()
@@ -105,12 +117,27 @@ def main(argv=None):
             positions.append(int(sq.argmax()))
         sink.append((sum(shares) / len(shares), sorted(set(positions))))
 
+    def layer_errors(model):
+        """--layers B: {layer: (error over all tokens, error without each window's largest token)}."""
+        out = {}
+        for n in layer_names:
+            dW = model.get_submodule(f"{adapter.block_name(args.layers)}.{n}").weight.detach().double() - fp_weights[n]
+            num = den = num_rest = den_rest = 0.0
+            for x, (hs, _) in zip(layer_inputs[n], ref):
+                e, y = (x @ dW.T).pow(2).sum(-1), (x @ fp_weights[n].T).pow(2).sum(-1)
+                top = int(hs[args.layers + 1].pow(2).sum(-1).argmax())
+                num, den = num + e.sum().item(), den + y.sum().item()
+                num_rest, den_rest = num_rest + e.sum().item() - e[top].item(), den_rest + y.sum().item() - y[top].item()
+            out[n] = (num / den, num_rest / den_rest)
+        return out
+
     def nll(logp, w):
         return -logp[:-1].gather(-1, w[1:, None]).mean().item()
 
     result = {"text": args.text, "windows": int(ids.shape[0]), "seqlen": args.seqlen,
               "fp_ppl": float(torch.tensor([nll(lp, w) for (_, lp), w in zip(ref, ids)]).mean().exp()),
-              "largest_token_share": [sh for sh, _ in sink], "mlp_out_input_gram_share": mlp_share, "largest_token_positions": [p for _, p in sink],
+              "largest_token_share": [sh for sh, _ in sink], "mlp_out_input_gram_share": mlp_share,
+              "largest_token_positions": [p for _, p in sink],
               "models": {}}
     for label, path, donor, blocks in labelled:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -136,13 +163,14 @@ def main(argv=None):
                 den_norm[i] += nb.pow(2).sum().item()
             kl.append((lp_fp.exp() * (lp_fp - lp)).sum(-1).mean().item())
             nlls.append(nll(lp, w))
-        del model
         result["models"][label] = {
+            **({"layers": layer_errors(model)} if args.layers is not None else {}),
             "raw": [n / d for n, d in zip(num_raw, den_raw)],
             "normed": [n / d for n, d in zip(num_norm, den_norm)],
             "kl": sum(kl) / len(kl),
             "ppl": float(torch.tensor(nlls).mean().exp()),
         }
+        del model
 
     labels = [label for label, *_ in labelled]
     print(f"{args.text}: {result['windows']} windows of {args.seqlen}; fp perplexity {result['fp_ppl']:.3f}")
@@ -155,6 +183,12 @@ def main(argv=None):
         print(f"{name} " + "  ".join(f"{result['models'][lab]['raw'][i]:10.4f} / {result['models'][lab]['normed'][i]:.4f}"
                                      for lab in labels)
               + f"    {sink[i][0]:.3f} {sink[i][1]}" + (f"  {mlp_share[i - 1]:.3f}" if i - 1 < len(mlp_share) else ""))
+    if args.layers is not None:
+        print(f"block {args.layers}, each layer's own error on the fp inputs: all tokens / without each window's "
+              "largest token")
+        for n in layer_names:
+            print(f"  {n:24s} " + "  ".join(f"{result['models'][lab]['layers'][n][0]:.4f} / "
+                                            f"{result['models'][lab]['layers'][n][1]:.4f}" for lab in labels))
     for lab in labels:
         m = result["models"][lab]
         print(f"{lab}: perplexity {m['ppl']:.3f}, KL(fp || q) {m['kl']:.4f} nats/token")

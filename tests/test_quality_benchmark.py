@@ -100,8 +100,10 @@ def test_compound_error_is_zero_for_the_fp_model_and_grafted_blocks_come_from_th
     compound_error.main(["--fp", str(fp), "--model", f"same={fp}", "--model", f"noisy={noisy}",
                          "--model", f"fp+noisy:1={fp}+{noisy}:1", "--model", f"noisy+fp:1={noisy}+{fp}:1",
                          "--text", "wikitext2", "--windows", "2", "--seqlen", "64", "--data-dir", DATA,
-                         "--out", str(out)])
+                         "--layers", "1", "--out", str(out)])
     res = json.loads(out.read_text())["models"]
     assert max(res["same"]["raw"] + res["same"]["normed"]) == 0 and abs(res["same"]["kl"]) < 1e-9
     assert res["noisy"]["normed"][1] == 0 < res["noisy"]["normed"][2] and res["noisy"]["kl"] > 0   # block 0 untouched
     assert res["fp+noisy:1"] == res["noisy"] and res["noisy+fp:1"] == res["same"]
+    assert all(e == [0, 0] for e in res["same"]["layers"].values())
+    assert all(0 < e[0] and 0 < e[1] for e in res["noisy"]["layers"].values())
