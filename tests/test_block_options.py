@@ -138,7 +138,9 @@ def test_cli_exposes_the_block_options():
     assert (qc.fp_targets, qc.refine_scales, qc.follow_grids, qc.joint_rows, qc.grid_coarse) == (False, 0, False, 1, 1)
     assert qc.state_dict() == {k: v for k, v in qc.as_dict().items()      # the code before issue 17
                                if k not in ("fp_alpha", "follow_grids", "refine_scales", "joint_rows", "grid_coarse",
-                                             "mlp_row_damp", "kquant", "kquant_types", "kquant_embedding")}
+                                             "mlp_row_damp", "kquant", "kquant_types", "kquant_embedding",
+                                             "residual_weights")}
+    assert parse(["--model", "m", "--residual-weights"])[0].state_dict()["residual_weights"] is True
     assert parse(["--model", "m", "--kquant", "Q3_K"])[0].kquant == "q3_k"
     assert parse(["--model", "m", "--kquant", "q3_k"])[0].state_dict()["kquant"] == "q3_k"   # in the run's key
     assert parse(["--model", "m", "--kquant", "q2_k", "--kquant-type", "mlp.down_proj=q3_k"])[0].state_dict()[

@@ -130,7 +130,7 @@ def test_options_added_later_keep_old_runs_resumable():
     old_solver = dict(fp_targets=False, refine_scales=0, follow_grids=False, joint_rows=1, grid_coarse=1)   # before issue 17
     qc = QuantConfig(model="m", method="boa", **old_solver)
     later = ("mlp_row_damp", "fp_alpha", "follow_grids", "refine_scales", "joint_rows", "grid_coarse", "kquant",
-             "kquant_types", "kquant_embedding")
+             "kquant_types", "kquant_embedding", "residual_weights")
     old = {k: v for k, v in qc.as_dict().items() if k not in later}
     assert qc.state_dict() == old
     assert QuantConfig(model="m", method="boa", mlp_row_damp=0.1, **old_solver).state_dict()["mlp_row_damp"] == 0.1
