@@ -89,7 +89,7 @@ PROFILES = {
 # default since its speed options (joint rows, coarse grid search; = "boa-turbo-fast" on SmolLM2, whose
 # heads have 64 rows), "gptq-turbo" GPTQ's default since issue 17.
 OLD_SOLVER = ["--no-fp-targets", "--fp-alpha", "1", "--refine-scales", "0", "--no-follow-grids", "--joint-rows", "1",
-              "--grid-coarse", "1", "--no-residual-weights"]
+              "--grid-coarse", "1", "--no-residual-weights", "--fp-max-shift", "0"]
 VARIANTS = {
     "rtn": ["--method", "rtn", "--qparam", "minmax"],
     "gptq": ["--method", "gptq"],
@@ -163,6 +163,11 @@ VARIANTS = {
                       "--residual-weights"],
     "boa-turbo-auto-rw": ["--method", "boa", "--fp-targets", "--fp-alpha", "0.25", "--follow-grids", "--refine-scales",
                           "1", "--joint-rows", "auto", "--grid-coarse", "8", "--residual-weights"],
+    # --fp-max-shift 1 (the correction bounded to ||W' - W|| <= alpha ||W|| per layer) on today's defaults
+    "gptq-turbo-cap": ["--method", "gptq", "--fp-targets", "--fp-alpha", "0.25", "--refine-scales", "1",
+                       "--fp-max-shift", "1"],
+    "boa-turbo-auto-cap": ["--method", "boa", "--fp-targets", "--fp-alpha", "0.25", "--follow-grids", "--refine-scales",
+                           "1", "--joint-rows", "auto", "--grid-coarse", "8", "--fp-max-shift", "1"],
     "llmc-gptq": None,   # llm-compressor's GPTQModifier in its own virtualenv (benchmarks/llmc_gptq.py)
 }
 
@@ -192,7 +197,8 @@ STUDIES = {
                                           "boa-turbo-a1", "gptq-turbo-a0.1", "gptq-turbo-a0.5", "gptq-turbo-a1"], "nsamples": [None]},
     "defaults2": {"bits": ["2"], "variants": ["boa-turbo-auto", "gptq-turbo", "boa-turbo-noblockv", "boa-turbo-nomlprow",
                                               "boa-turbo-search", "boa-turbo-damp03", "boa-turbo-damp10", "boa-turbo-g64",
-                                              "boa-turbo-gfull", "gptq-turbo-rw", "boa-turbo-auto-rw"],
+                                              "boa-turbo-gfull", "gptq-turbo-rw", "boa-turbo-auto-rw",
+                                              "gptq-turbo-cap", "boa-turbo-auto-cap"],
                   "nsamples": [None]},
     "damp": {"bits": ["2"], "variants": ["gptq", "boa", "gptq-damp03", "boa-damp03", "gptq-damp10", "boa-damp10"],
              "nsamples": [None]},
@@ -320,6 +326,11 @@ def run_one(job: dict) -> dict:
                   for lay in b["layers"] if lay["info"].get("orders")}
         if orders:
             row["orders"] = orders
+        # --fp-targets: each layer's correction size ||alpha Z|| / ||W|| and the alpha applied (--fp-max-shift)
+        shifts = {f"{i}.{lay['name']}": [lay["info"]["fp_shift"], lay["info"]["fp_alpha_applied"]] for i, b in blocks
+                  for lay in b["layers"] if "fp_shift" in lay["info"]}
+        if shifts:
+            row["fp_shift"] = shifts
     if job.get("errors"):
         # held out from calibration: the first windows of each evaluation text (evaluated, never selected on)
         row["errors"] = {name: attention_output_errors(mdir, qdir, w[: job["errors"]], cpu, budget)

@@ -6,7 +6,7 @@ full precision, as the one-pass statistics see it), the fp model the fp stream, 
 calibration windows (the first ``--windows`` of them). Prints the sink tokens' share of ``H_col``,
 the relative error of sink tokens and of the others for GPTQ with the full and the coarse grid, MinMax,
 two dampings, and after the fp-target correction (``solvers.target.fp_target_weight``, α 0.25), with
-the size of that correction. A diagnostic (no model is written).
+the size of that correction, unbounded and bounded as ``--fp-max-shift 1`` does. A diagnostic (no model is written).
 
     OMP_NUM_THREADS=1 python benchmarks/resolve_mlp_out.py \
         --checkpoint benchmarks/_work/quality/smollm2-135m/boa-turbo-fast-w2-n128-s1 --seed 1 --block 11 --windows 8
@@ -75,13 +75,16 @@ def main(argv=None):
                   f"others {err(res.Q, ~top, X):.4f}")
     print(f"||X - X_fp|| / ||X_fp||: sink {((XF - X)[top].norm() / XF[top].norm()).item():.3f}, "
           f"others {((XF - X)[~top].norm() / XF[~top].norm()).item():.3f}")
-    Wt = fp_target_weight(W.clone(), H.clone(), C.clone(), 0.01, 0.25)
-    print(f"fp-target correction (alpha 0.25): ||W' - W|| / ||W|| = {((Wt - W).norm() / W.norm()).item():.3f}")
-    for label, kw in (("full grid", {}), ("coarse 8", {"coarse": 8})):
-        res = gptq_quantize(Wt, H.clone(), 2, percdamp=0.01, refine_sweeps=1, **kw)
-        print(f"GPTQ on W' {label:9s}: error vs W on the quantized stream: sink {err(res.Q, top, X):.4f}, others "
-              f"{err(res.Q, ~top, X):.4f}; vs the fp output: sink {err(res.Q, top, XF):.4f}, others "
-              f"{err(res.Q, ~top, XF):.4f}")
+    for bound in (None, 0.25):      # unbounded, and --fp-max-shift 1 (||W' - W|| <= alpha ||W||)
+        info = {}
+        Wt = fp_target_weight(W.clone(), H.clone(), C.clone(), 0.01, 0.25, bound, info)
+        print(f"fp-target correction (alpha 0.25, max shift {bound}): ||W' - W|| / ||W|| = "
+              f"{((Wt - W).norm() / W.norm()).item():.3f}, alpha applied {info['fp_alpha_applied']:.4f}")
+        for label, kw in (("full grid", {}), ("coarse 8", {"coarse": 8})):
+            res = gptq_quantize(Wt, H.clone(), 2, percdamp=0.01, refine_sweeps=1, **kw)
+            print(f"GPTQ on W' {label:9s}: error vs W on the quantized stream: sink {err(res.Q, top, X):.4f}, "
+                  f"others {err(res.Q, ~top, X):.4f}; vs the fp output: sink {err(res.Q, top, XF):.4f}, others "
+                  f"{err(res.Q, ~top, XF):.4f}")
 
 
 if __name__ == "__main__":

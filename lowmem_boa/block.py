@@ -279,20 +279,24 @@ class BlockQuantizer:
         return H_v
 
     # ----- solving ----------------------------------------------------------------------
-    def retarget(self, block, name: str, target: tuple) -> None:
-        """``--fp-targets``: replace ``block.<name>``'s weight by ``W + W (C - H) (H + lam I)^-1``
+    def retarget(self, block, name: str, target: tuple) -> dict:
+        """``--fp-targets``: replace ``block.<name>``'s weight by ``W + alpha W (C - H) (H + lam I)^-1``
         (``target = (H, C)``), whose symmetric objective equals ``||Q X~ - W X_fp||`` up to a
-        constant (``solvers.target``); the solver then quantizes it as usual."""
+        constant (``solvers.target``), alpha bounded by ``--fp-max-shift``; the solver then quantizes
+        it as usual. Returns the correction's size and the alpha applied (for the layer's report)."""
         H, C = target
         lin = block.get_submodule(name)
         W = lin.weight.data
         with self._phase(PHASE_SOLVE), self.sch.workspace(f"fp target {name}", fp_target_workspace(*W.shape)):
             H_dev = self.sch.to_device(H, f"H fp-target {name}")
             C_dev = self.sch.to_device(C, f"C fp-target {name}")
-            lin.weight.data = fp_target_weight(W, H_dev, C_dev, self.qc.percdamp, self.qc.fp_alpha)
+            info = {}
+            bound = self.qc.fp_max_shift * self.qc.fp_alpha if self.qc.fp_max_shift else None
+            lin.weight.data = fp_target_weight(W, H_dev, C_dev, self.qc.percdamp, self.qc.fp_alpha, bound, info)
             del H_dev, C_dev
             self.sch.free(f"H fp-target {name}")
             self.sch.free(f"C fp-target {name}")
+        return info
 
     def solve(self, block, name: str, H_col: torch.Tensor | None, H_row: torch.Tensor | None = None,
               n_heads: int = 1, target: tuple | None = None) -> tuple[LayerReport, tuple]:
@@ -305,8 +309,9 @@ class BlockQuantizer:
         """
         t0 = time.perf_counter()
         qc = self.qc
+        fp_info = {}
         if target is not None and target[1] is not None:
-            self.retarget(block, name, target)
+            fp_info = self.retarget(block, name, target)
         lin = block.get_submodule(name)
         W = lin.weight.data
         r, c = W.shape
@@ -366,7 +371,7 @@ class BlockQuantizer:
                 self.sch.free(tag)
             lin.weight.data = res.Q
         report.seconds = time.perf_counter() - t0
-        report.info = {k: v for k, v in res.info.items() if not isinstance(v, list)}
+        report.info = {**{k: v for k, v in res.info.items() if not isinstance(v, list)}, **fp_info}
         quant = (self.sch.to_host(res.codes), self.sch.to_host(res.scale.float()), self.sch.to_host(res.zero.float()))
         if res.kquant is not None:   # the k-quant fields the GGUF file stores
             quant += ({k: v if v is None or isinstance(v, str) else self.sch.to_host(v) for k, v in res.kquant.items()},)

@@ -76,6 +76,8 @@ class QuantConfig:
     fp_targets: bool | None = None  # fit Q X~ towards the fp model's W X (asymmetric calibration); None: on
                                     # for GPTQ/BoA with one-pass statistics (FP_TARGETS_DEFAULT), resolved by the pipeline
     fp_alpha: float = 0.25          # ... moving the target this fraction of the way (GPTAQ/TurboBoA's alpha)
+    fp_max_shift: float = 1.0       # ... alpha scaled down per layer so that ||W' - W|| <= this * alpha * ||W||
+                                    # (solvers.target: a drifted stream makes W' a wild target); 0: no bound
     follow_grids: bool = True       # BoA: a row's grid searched on the row as updated, right before it is swept
     refine_scales: int = 1          # GPTQ/BoA: coordinate-descent sweeps of scale refinement once codes are fixed
     joint_rows: int | None = None   # BoA: rows of a head quantized together (closed-form update of the rest);
@@ -148,6 +150,8 @@ class QuantConfig:
             raise ValueError(f"--mlp-row-damp must be non-negative, got {self.mlp_row_damp}")
         if not 0 < self.fp_alpha <= 1:
             raise ValueError(f"--fp-alpha must be in (0, 1], got {self.fp_alpha}")
+        if not 0 <= self.fp_max_shift < float("inf"):
+            raise ValueError(f"--fp-max-shift must be a non-negative number (0: no bound), got {self.fp_max_shift}")
         if not isinstance(self.refine_scales, int) or self.refine_scales < 0:
             raise ValueError(f"--refine-scales must be a non-negative integer, got {self.refine_scales!r}")
         if not isinstance(self.grid_coarse, int) or self.grid_coarse < 1:
@@ -208,6 +212,7 @@ class QuantConfig:
         d.pop("kquant_embedding")      # written after the blocks: a finished run rerun with another rewrites it
         if not self.fp_targets:
             d.pop("fp_alpha")
+            d.pop("fp_max_shift")
         if self.method != "boa":
             d.pop("follow_grids")
             d.pop("joint_rows")
@@ -218,7 +223,8 @@ class QuantConfig:
 
 # option -> the value that reproduces the code before it existed (see QuantConfig.state_dict)
 ADDED_LATER = {"mlp_row_damp": 0.0, "fp_alpha": 1.0, "follow_grids": False, "refine_scales": 0, "joint_rows": 1,
-               "grid_coarse": 1, "kquant": None, "kquant_types": None, "residual_weights": False}
+               "grid_coarse": 1, "kquant": None, "kquant_types": None, "residual_weights": False,
+               "fp_max_shift": 0.0}
 
 
 @dataclass

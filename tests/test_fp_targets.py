@@ -81,6 +81,41 @@ def test_unperturbed_input_leaves_the_weight_unchanged_and_dead_channels_keep_th
     assert torch.isfinite(Wp).all() and not torch.allclose(Wp, W)
 
 
+def test_max_shift_bounds_a_wild_correction_by_scaling_alpha_and_leaves_a_tame_one_bit_identical():
+    """A drifted stream (X~ nearly unrelated to X, H ill-conditioned) makes ``alpha ||Z||`` several times
+    ``||W||``; ``max_shift`` scales alpha down so that ``||W' - W|| = max_shift ||W||`` exactly, and the
+    result is still the minimiser of the weighted objective, with the applied alpha. Below the bound
+    the result is the unbounded one bit for bit."""
+    g = torch.Generator().manual_seed(7)
+    R, D, T = 6, 8, 30
+    X = torch.randn(D, T, generator=g, dtype=torch.float64)
+    Xq = torch.randn(D, T, generator=g, dtype=torch.float64) * torch.logspace(0, -3, D, dtype=torch.float64)[:, None]
+    W = torch.randn(R, D, generator=g, dtype=torch.float64)
+    H, C = Xq @ Xq.T / T, X @ Xq.T / T
+    alpha, p = 0.25, 0.01
+    free, capped = {}, {}
+    Wf = fp_target_weight(W, H, C, percdamp=p, alpha=alpha, info=free)
+    assert free["fp_shift"] > 2 * alpha and free["fp_alpha_applied"] == alpha
+    torch.testing.assert_close(torch.linalg.matrix_norm(Wf - W) / torch.linalg.matrix_norm(W),
+                               torch.tensor(free["fp_shift"], dtype=torch.float64), rtol=1e-12, atol=0)
+    Wc = fp_target_weight(W, H, C, percdamp=p, alpha=alpha, max_shift=alpha, info=capped)
+    assert capped["fp_shift"] == free["fp_shift"] and capped["fp_alpha_applied"] < alpha
+    rel = float(torch.linalg.matrix_norm(Wc - W) / torch.linalg.matrix_norm(W))
+    assert abs(rel - alpha) < 1e-12
+    a = capped["fp_alpha_applied"]
+    torch.testing.assert_close(Wc, fp_target_weight(W, H, C, percdamp=p, alpha=a), rtol=1e-12, atol=1e-12)
+    lam = p * torch.diagonal(H).mean()
+    grad = (a * (Wc @ Xq - W @ X) @ Xq.T + (1 - a) * ((Wc - W) @ Xq) @ Xq.T) / T + lam * (Wc - W)
+    assert float(grad.abs().max()) < 1e-10
+    # a tame correction (small drift) is below the bound: unchanged, bit for bit
+    W, X, Xq, H, C = _problem(seed=8, noise=0.05)
+    tame = {}
+    Wt = fp_target_weight(W, H, C, percdamp=p, alpha=alpha, max_shift=alpha, info=tame)
+    assert tame["fp_shift"] < alpha and tame["fp_alpha_applied"] == alpha
+    assert torch.equal(Wt, fp_target_weight(W, H, C, percdamp=p, alpha=alpha))
+    assert torch.equal(fp_target_weight(W, H, H.clone(), max_shift=0.1), W)     # no correction: nothing to bound
+
+
 def test_fp_targets_are_planned():
     adapter = get_adapter(tiny_config("llama"))
     common = dict(method="boa", calibration=True, nsamples=8, seqlen=32, dtype_bytes=4, device_type="cpu")
@@ -118,6 +153,12 @@ def test_pipeline_fp_targets_correct_later_blocks_and_resume_bit_identically(tmp
     _quant(model, plain, method=method, fp_targets=False)
     report = _quant(model, fpt, method=method, fp_targets=True)
     assert "block statistics (one forward)" in report["blocks"]["1"]["phase_seconds"]
+    # each corrected layer reports its correction's size and the alpha applied under --fp-max-shift (1)
+    for i in ("1", "2"):
+        for layer in report["blocks"][i]["layers"]:
+            shift, applied = layer["info"]["fp_shift"], layer["info"]["fp_alpha_applied"]
+            assert shift > 0 and applied == pytest.approx(0.25 * min(1.0, 0.25 / shift), rel=1e-12), layer
+    assert all(layer["info"]["fp_shift"] == 0 for layer in report["blocks"]["0"]["layers"])
     a0, b0 = RunState(plain).load_block(0)[0], RunState(fpt).load_block(0)[0]
     for k in a0:
         assert torch.equal(a0[k], b0[k]), k

@@ -130,7 +130,7 @@ def test_options_added_later_keep_old_runs_resumable():
     old_solver = dict(fp_targets=False, refine_scales=0, follow_grids=False, joint_rows=1, grid_coarse=1)   # before issue 17
     qc = QuantConfig(model="m", method="boa", **old_solver)
     later = ("mlp_row_damp", "fp_alpha", "follow_grids", "refine_scales", "joint_rows", "grid_coarse", "kquant",
-             "kquant_types", "kquant_embedding", "residual_weights")
+             "kquant_types", "kquant_embedding", "residual_weights", "fp_max_shift")
     old = {k: v for k, v in qc.as_dict().items() if k not in later}
     assert qc.state_dict() == old
     assert QuantConfig(model="m", method="boa", mlp_row_damp=0.1, **old_solver).state_dict()["mlp_row_damp"] == 0.1
@@ -138,6 +138,8 @@ def test_options_added_later_keep_old_runs_resumable():
     # the new defaults are in the key: a run of the old code does not silently resume under them
     new = QuantConfig(model="m", method="boa", fp_targets=True).state_dict()
     assert new["fp_alpha"] == 0.25 and new["refine_scales"] == 1 and new["follow_grids"] is True
+    assert new["fp_max_shift"] == 1.0
+    assert "fp_max_shift" not in QuantConfig(model="m", method="boa", fp_targets=True, fp_max_shift=0.0).state_dict()
     assert new["joint_rows"] is None and new["grid_coarse"] == 8     # None: 16 rows, at most a quarter of a head
     gptq = QuantConfig(model="m", method="gptq", fp_targets=False).state_dict()
     assert "follow_grids" not in gptq and "joint_rows" not in gptq and "fp_alpha" not in gptq
@@ -147,7 +149,8 @@ def test_new_solver_options_refuse_bad_values_before_any_work():
     from lowmem_boa.config import QuantConfig
     for kw, flag in ((dict(fp_alpha=0.0), "--fp-alpha"), (dict(fp_alpha=1.5), "--fp-alpha"),
                      (dict(refine_scales=-1), "--refine-scales"), (dict(joint_rows=0), "--joint-rows"),
-                     (dict(grid_coarse=0), "--grid-coarse")):
+                     (dict(grid_coarse=0), "--grid-coarse"), (dict(fp_max_shift=-1.0), "--fp-max-shift"),
+                     (dict(fp_max_shift=float("nan")), "--fp-max-shift")):
         with pytest.raises(ValueError, match=flag):
             QuantConfig(model="m", method="boa", **kw).validate()
 

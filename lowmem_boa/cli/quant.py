@@ -17,7 +17,7 @@ from ..config import BOA_GRID_COARSE, CALIB_SETS, DTYPES, JOINT_ROWS_DEFAULT, ME
 from ..solvers.validation import GRIDS
 
 PRESET_KEYS = {"device", "max_gpu_mem", "max_cpu_mem", "hessians", "nsamples", "seqlen", "block_v", "dtype",
-               "true_sequential", "v_row_hessian", "fp_targets", "fp_alpha", "follow_grids", "refine_scales",
+               "true_sequential", "v_row_hessian", "fp_targets", "fp_alpha", "fp_max_shift", "follow_grids", "refine_scales",
                "joint_rows", "grid_coarse", "mlp_row_hessian", "mlp_row_group", "mlp_row_damp",
                "residual_weights", "data_dir", "calib", "qparam", "group_size", "percdamp", "block_size"}
 
@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "output of that layer (min ||Q X~ - W X||, asymmetric calibration, scaled by --fp-alpha); keeps a "
                    "second activation stream (2x activation memory, ~2x statistics time). Default: on (off with "
                    "--true-sequential); measured in docs/results.md")
+    m.add_argument("--fp-max-shift", type=float, default=1.0,
+                   help="--fp-targets: bound each layer's corrected weight to ||W' - W|| <= this * alpha * ||W|| by "
+                   "scaling alpha down for that layer (where the quantized stream has drifted far from the fp one the "
+                   "uncapped correction is a wild target: docs/results.md); default 1, 0: no bound")
     m.add_argument("--fp-alpha", type=float, default=0.25,
                    help="--fp-targets: move each layer's target this fraction of the way from its own output on the "
                    "quantized model's input (0) to the full-precision model's output (1); default 0.25 "
@@ -179,7 +183,7 @@ def parse(argv=None):
                      group_size=args.group_size, qparam=args.qparam, block_v=args.block_v,
                      act_order_col=args.act_order_col, act_order_row=args.act_order_row, percdamp=args.percdamp,
                      search_orders=args.search_orders, true_sequential=args.true_sequential, v_row_hessian=args.v_row_hessian,
-                     fp_targets=args.fp_targets, fp_alpha=args.fp_alpha, follow_grids=args.follow_grids,
+                     fp_targets=args.fp_targets, fp_alpha=args.fp_alpha, fp_max_shift=args.fp_max_shift, follow_grids=args.follow_grids,
                      refine_scales=args.refine_scales, joint_rows=args.joint_rows,
                      grid_coarse=args.grid_coarse, mlp_row_hessian=args.mlp_row_hessian, kquant=args.kquant,
                      kquant_types=dict(args.kquant_type) if args.kquant_type else None,
