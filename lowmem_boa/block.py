@@ -282,8 +282,8 @@ class BlockQuantizer:
     def retarget(self, block, name: str, target: tuple) -> dict:
         """``--fp-targets``: replace ``block.<name>``'s weight by ``W + alpha W (C - H) (H + lam I)^-1``
         (``target = (H, C)``), whose symmetric objective equals ``||Q X~ - W X_fp||`` up to a
-        constant (``solvers.target``), alpha bounded by ``--fp-max-shift``; the solver then quantizes
-        it as usual. Returns the correction's size and the alpha applied (for the layer's report)."""
+        constant (``solvers.target``), within the bound of ``--fp-max-shift``; the solver then quantizes
+        it as usual. Returns the correction's size and the bound's effect (for the layer's report)."""
         H, C = target
         lin = block.get_submodule(name)
         W = lin.weight.data

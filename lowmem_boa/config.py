@@ -76,7 +76,7 @@ class QuantConfig:
     fp_targets: bool | None = None  # fit Q X~ towards the fp model's W X (asymmetric calibration); None: on
                                     # for GPTQ/BoA with one-pass statistics (FP_TARGETS_DEFAULT), resolved by the pipeline
     fp_alpha: float = 0.25          # ... moving the target this fraction of the way (GPTAQ/TurboBoA's alpha)
-    fp_max_shift: float = 1.0       # ... alpha scaled down per layer so that ||W' - W|| <= this * alpha * ||W||
+    fp_max_shift: float = 1.0       # ... each layer's W' the minimiser within ||W' - W|| <= this * alpha * ||W||
                                     # (solvers.target: a drifted stream makes W' a wild target); 0: no bound
     follow_grids: bool = True       # BoA: a row's grid searched on the row as updated, right before it is swept
     refine_scales: int = 1          # GPTQ/BoA: coordinate-descent sweeps of scale refinement once codes are fixed
