@@ -1,7 +1,7 @@
 """Sizes of the fp-target corrections of a run (``--fp-targets``): for every corrected layer
-``||W' - W|| / ||W||`` (``solvers.target``) without and with the bound of ``--fp-max-shift``, read from
-the run state's manifest (``OUTPUT/quant_state/manifest.json``) or a quality-benchmark row. Prints the
-quantiles, the layers the bound acted on, and the largest corrections.
+``||W' - W|| / ||W||`` (``solvers.target``), read from the run state's manifest
+(``OUTPUT/quant_state/manifest.json``). Prints the quantiles, the layers beyond ``--fp-max-shift``
+(solved on both targets: both objectives and which won) and the largest corrections.
 
     python benchmarks/fp_shifts.py benchmarks/_work/quality/smollm2-135m-ref/boa-turbo-auto-cap-w2-n32-s0
 """
@@ -13,18 +13,15 @@ import json
 from pathlib import Path
 
 
-def shifts_of(run: Path) -> list[tuple[int, str, float, float, float]]:
-    """``(block, layer, shift, shift applied, extra damping of the bound)`` of every corrected layer."""
+def shifts_of(run: Path) -> list[tuple[int, str, dict]]:
+    """``(block, layer, info)`` of every corrected layer, ``info`` holding at least ``fp_shift``."""
     manifest = json.loads((run / "quant_state" / "manifest.json").read_text())
     rows = []
     for i, b in manifest["blocks"].items():
         for lay in b.get("layers", []):
-            info = lay.get("info", {})
-            if "fp_shift" in info:
-                shift = float(info["fp_shift"])     # (runs before the bound: no applied shift or ridge)
-                rows.append((int(i), lay["name"], shift, float(info.get("fp_shift_applied", shift)),
-                             float(info.get("fp_ridge", 0.0))))
-    return sorted(rows)
+            if "fp_shift" in lay.get("info", {}):
+                rows.append((int(i), lay["name"], lay["info"]))
+    return sorted(rows, key=lambda r: (r[0], r[1]))
 
 
 def main(argv=None):
@@ -37,15 +34,21 @@ def main(argv=None):
         if not rows:
             print(f"{run}: no corrected layers recorded")
             continue
-        sh = sorted(r[2] for r in rows)
+        sh = sorted(info["fp_shift"] for _, _, info in rows)
         q = {p: sh[round(p / 100 * (len(sh) - 1))] for p in (50, 90, 99, 100)}
-        bounded = [r for r in rows if r[4] > 0]
         print(f"{run.name}: {len(rows)} corrected layers; shift quantiles "
               + ", ".join(f"{p}%: {v:.4f}" for p, v in q.items()))
-        print("  bounded: " + (", ".join(f"block {b} {n} (shift {s:.3f} -> {a:.3f}, extra damping {r:.3g} of mean "
-                                         f"diag H)" for b, n, s, a, r in bounded) or "none"))
-        for b, n, s, a, r in sorted(rows, key=lambda r: -r[2])[:args.top]:
-            print(f"  block {b:2d} {n:18s} shift {s:.4f} applied {a:.4f}")
+        for b, n, info in rows:
+            if "fp_bounded_kept" in info:
+                print(f"  block {b} {n}: shift {info['fp_shift']:.3f}, solved on both targets: objective "
+                      f"{info['fp_loss_full']:.5g} (full) vs {info['fp_loss_bounded']:.5g} (bounded, alpha "
+                      f"{info['fp_alpha_bounded']:.4f}): kept the {'bounded' if info['fp_bounded_kept'] else 'full'}")
+            elif "fp_alpha_applied" in info and info["fp_alpha_applied"] < max(r[2].get("fp_alpha_applied", 0)
+                                                                                for r in rows):
+                print(f"  block {b} {n}: shift {info['fp_shift']:.3f}, alpha scaled down to "
+                      f"{info['fp_alpha_applied']:.4f} (the first bound of this session's code, 792d4f9)")
+        for b, n, info in sorted(rows, key=lambda r: -r[2]["fp_shift"])[:args.top]:
+            print(f"  block {b:2d} {n:18s} shift {info['fp_shift']:.4f}")
 
 
 if __name__ == "__main__":

@@ -279,24 +279,31 @@ class BlockQuantizer:
         return H_v
 
     # ----- solving ----------------------------------------------------------------------
-    def retarget(self, block, name: str, target: tuple) -> dict:
+    def retarget(self, block, name: str, target: tuple) -> tuple[dict, torch.Tensor | None]:
         """``--fp-targets``: replace ``block.<name>``'s weight by ``W + alpha W (C - H) (H + lam I)^-1``
         (``target = (H, C)``), whose symmetric objective equals ``||Q X~ - W X_fp||`` up to a
-        constant (``solvers.target``), within the bound of ``--fp-max-shift``; the solver then quantizes
-        it as usual. Returns the correction's size and the bound's effect (for the layer's report)."""
+        constant (``solvers.target``); the solver then quantizes it as usual. Where the correction
+        exceeds ``--fp-max-shift`` (``||W' - W|| > K alpha ||W||``) also returns the bounded target
+        (alpha scaled down to the bound), the second candidate ``solve`` tries; else None. The info
+        (for the layer's report): the correction's size ``fp_shift`` (and the bounded alpha)."""
         H, C = target
         lin = block.get_submodule(name)
         W = lin.weight.data
+        info, bounded = {}, None
+        bound = self.qc.fp_max_shift * self.qc.fp_alpha if self.qc.fp_max_shift else None
         with self._phase(PHASE_SOLVE), self.sch.workspace(f"fp target {name}", fp_target_workspace(*W.shape)):
             H_dev = self.sch.to_device(H, f"H fp-target {name}")
             C_dev = self.sch.to_device(C, f"C fp-target {name}")
-            info = {}
-            bound = self.qc.fp_max_shift * self.qc.fp_alpha if self.qc.fp_max_shift else None
-            lin.weight.data = fp_target_weight(W, H_dev, C_dev, self.qc.percdamp, self.qc.fp_alpha, bound, info)
+            lin.weight.data = fp_target_weight(W, H_dev, C_dev, self.qc.percdamp, self.qc.fp_alpha, None, info)
+            if bound is not None and info["fp_shift"] > bound:
+                sub = {}
+                bounded = fp_target_weight(W, H_dev, C_dev, self.qc.percdamp, self.qc.fp_alpha, bound, sub)
+                info["fp_alpha_bounded"] = sub["fp_alpha_applied"]
             del H_dev, C_dev
             self.sch.free(f"H fp-target {name}")
             self.sch.free(f"C fp-target {name}")
-        return info
+        del info["fp_alpha_applied"]
+        return info, bounded
 
     def solve(self, block, name: str, H_col: torch.Tensor | None, H_row: torch.Tensor | None = None,
               n_heads: int = 1, target: tuple | None = None) -> tuple[LayerReport, tuple]:
@@ -309,15 +316,18 @@ class BlockQuantizer:
         """
         t0 = time.perf_counter()
         qc = self.qc
-        fp_info = {}
+        fp_info, bounded = {}, None
         if target is not None and target[1] is not None:
-            fp_info = self.retarget(block, name, target)
+            fp_info, bounded = self.retarget(block, name, target)
         lin = block.get_submodule(name)
         W = lin.weight.data
         r, c = W.shape
         nh_col = 1 if H_col is None or H_col.dim() == 2 else H_col.shape[0]
         search = qc.search_orders and qc.method != "rtn"
-        ws = solver_workspace(r, c, nh_col, W.element_size(), search,
+        # more than one try (act-order combinations, the bounded fp target): the solver damps copies
+        # of the Hessians, and every try is scored on the same (undamped) objective, against W
+        tries = search or bounded is not None
+        ws = solver_workspace(r, c, nh_col, W.element_size(), tries,
                               H_row.numel() * 4 if H_row is not None else 0)
         ws.pop("H_col (handed over)")
         common = dict(sym=qc.sym, grid=qc.qparam, group_size=qc.group_size, percdamp=qc.percdamp)
@@ -340,31 +350,40 @@ class BlockQuantizer:
                 res = rtn_quantize(W, qc.wbits, H_col=H_dev, **common)
             else:
                 best, losses = None, {}
-                for col, row in self._orders(H_row is not None, search):
-                    if H_row is not None:
-                        res = boa_quantize(W, H_dev, Hr_dev, n_heads, qc.wbits, act_order_col=col, act_order_row=row,
-                                           block_size=qc.block_size, overwrite_hessians=not search,
-                                           follow_grids=qc.follow_grids, refine_sweeps=qc.refine_scales,
-                                           joint_rows=joint_rows_for(r // n_heads, qc.joint_rows), **common)
-                        loss = float(attention_loss(W, res.Q, H_dev, Hr_dev, f32))
-                    else:
-                        res = gptq_quantize(W, H_dev, qc.wbits, act_order=col, block_size=qc.block_size,
-                                            overwrite_hessians=not search, refine_sweeps=qc.refine_scales, **common)
-                        loss = float(layer_loss(W, res.Q, H_dev, f32)) if search else None  # 2RC^2 flops: only if compared
-                    tag = "+".join(n for n, on in (("col", col), ("row", row)) if on) or "none"
-                    losses[tag] = loss
-                    if best is None or (loss is not None and loss < best[1]):
-                        best = (res, loss, tag)
-                    del res
+                targets = [("", W)] + ([("bounded ", bounded)] if bounded is not None else [])
+                for prefix, Wt in targets:
+                    for col, row in self._orders(H_row is not None, search):
+                        if H_row is not None:
+                            res = boa_quantize(Wt, H_dev, Hr_dev, n_heads, qc.wbits, act_order_col=col,
+                                               act_order_row=row, block_size=qc.block_size,
+                                               overwrite_hessians=not tries, follow_grids=qc.follow_grids,
+                                               refine_sweeps=qc.refine_scales,
+                                               joint_rows=joint_rows_for(r // n_heads, qc.joint_rows), **common)
+                            loss = float(attention_loss(W, res.Q, H_dev, Hr_dev, f32))
+                        else:
+                            res = gptq_quantize(Wt, H_dev, qc.wbits, act_order=col, block_size=qc.block_size,
+                                                overwrite_hessians=not tries, refine_sweeps=qc.refine_scales,
+                                                **common)
+                            # 2RC^2 flops: only if compared
+                            loss = float(layer_loss(W, res.Q, H_dev, f32)) if tries else None
+                        tag = prefix + ("+".join(n for n, on in (("col", col), ("row", row)) if on) or "none")
+                        losses[tag] = loss
+                        if best is None or (loss is not None and loss < best[1]):
+                            best = (res, loss, tag)
+                        del res
                 res = best[0]
                 if search:
-                    res.info["orders"] = best[2]
+                    res.info["orders"] = best[2].removeprefix("bounded ")
                     res.info["order_losses"] = losses
+                if bounded is not None:   # which target won, and each one's best objective
+                    fp_info["fp_bounded_kept"] = best[2].startswith("bounded ")
+                    fp_info["fp_loss_full"] = min(v for k, v in losses.items() if not k.startswith("bounded "))
+                    fp_info["fp_loss_bounded"] = min(v for k, v in losses.items() if k.startswith("bounded "))
                 if H_row is not None:
                     report.rel_attention_error = _rel(best[1], attention_loss(W, torch.zeros_like(W), H_dev, Hr_dev,
                                                                               f32))
             if H_dev is not None:
-                num = best[1] if search and H_row is None else layer_loss(W, res.Q, H_dev, f32)
+                num = best[1] if tries and H_row is None else layer_loss(W, res.Q, H_dev, f32)
                 report.rel_error = _rel(num, layer_loss(W, torch.zeros_like(W), H_dev, f32))
             del H_dev, Hr_dev
             for tag in tags:

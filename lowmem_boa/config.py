@@ -76,8 +76,8 @@ class QuantConfig:
     fp_targets: bool | None = None  # fit Q X~ towards the fp model's W X (asymmetric calibration); None: on
                                     # for GPTQ/BoA with one-pass statistics (FP_TARGETS_DEFAULT), resolved by the pipeline
     fp_alpha: float = 0.25          # ... moving the target this fraction of the way (GPTAQ/TurboBoA's alpha)
-    fp_max_shift: float = 1.0       # ... each layer's W' the minimiser within ||W' - W|| <= this * alpha * ||W||
-                                    # (solvers.target: a drifted stream makes W' a wild target); 0: no bound
+    fp_max_shift: float = 1.0       # ... a layer with ||W' - W|| > this * alpha * ||W|| (a wild target) is also
+                                    # solved on the target bounded to it; the lower objective wins; 0: never
     follow_grids: bool = True       # BoA: a row's grid searched on the row as updated, right before it is swept
     refine_scales: int = 1          # GPTQ/BoA: coordinate-descent sweeps of scale refinement once codes are fixed
     joint_rows: int | None = None   # BoA: rows of a head quantized together (closed-form update of the rest);

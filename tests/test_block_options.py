@@ -155,9 +155,14 @@ def test_search_orders_is_planned():
     common = dict(method="boa", calibration=True, nsamples=8, seqlen=32, dtype_bytes=4, device_type="cpu")
     plain = make_plan(adapter, PlanInputs(**common), 2 ** 30, 2 ** 32)
     search = make_plan(adapter, PlanInputs(**common, search_orders=True), 2 ** 30, 2 ** 32)
-    term = "search-orders: Hessian copies + best result"
+    term = "several tries: Hessian copies + best result"
     assert term in search.phase("solve (per layer)").terms and term not in plain.phase("solve (per layer)").terms
     assert search.phase("solve (per layer)").total > plain.phase("solve (per layer)").total
+    # --fp-max-shift: a layer may be solved on two targets, planned like the tries above plus the bounded target
+    fpt = make_plan(adapter, PlanInputs(**common, fp_targets=True), 2 ** 30, 2 ** 32)
+    bound = make_plan(adapter, PlanInputs(**common, fp_targets=True, fp_bound=True), 2 ** 30, 2 ** 32)
+    terms = bound.phase("solve (per layer)").terms
+    assert term in terms and "fp bound: the bounded target" in terms and term not in fpt.phase("solve (per layer)").terms
 
 
 def test_fp_targets_default_on_for_one_pass_solvers_and_says_so():

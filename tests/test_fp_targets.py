@@ -81,11 +81,11 @@ def test_unperturbed_input_leaves_the_weight_unchanged_and_dead_channels_keep_th
     assert torch.isfinite(Wp).all() and not torch.allclose(Wp, W)
 
 
-def test_max_shift_solves_the_objective_over_the_trust_region_and_leaves_a_tame_correction_bit_identical():
-    """A drifted stream (X~ nearly unrelated to X, H ill-conditioned) makes ``||W' - W||`` several times
-    ``alpha ||W||``. With ``max_shift`` the result lies on the bound and satisfies the KKT conditions of
-    the weighted objective over ``||Delta|| <= max_shift ||W||`` (gradient ``= -2 nu Delta``, ``nu >= 0``):
-    it beats every other feasible point tried, a smaller alpha among them. Below the bound: unchanged."""
+def test_max_shift_bounds_a_wild_correction_by_scaling_alpha_and_leaves_a_tame_one_bit_identical():
+    """A drifted stream (X~ nearly unrelated to X, H ill-conditioned) makes ``alpha ||Z||`` several times
+    ``||W||``; ``max_shift`` scales alpha down so that ``||W' - W|| = max_shift ||W||`` exactly, and the
+    result is still the minimiser of the weighted objective, with the applied alpha. Below the bound
+    the result is the unbounded one bit for bit."""
     g = torch.Generator().manual_seed(7)
     R, D, T = 6, 8, 30
     X = torch.randn(D, T, generator=g, dtype=torch.float64)
@@ -93,40 +93,25 @@ def test_max_shift_solves_the_objective_over_the_trust_region_and_leaves_a_tame_
     W = torch.randn(R, D, generator=g, dtype=torch.float64)
     H, C = Xq @ Xq.T / T, X @ Xq.T / T
     alpha, p = 0.25, 0.01
-    lam = p * torch.diagonal(H).mean()
-
-    def objective(Wq):     # alpha mean||Q X~ - W X||^2 + (1 - alpha) mean||(Q - W) X~||^2 + lam ||Q - W||^2
-        return float((alpha * ((Wq @ Xq - W @ X) ** 2).sum() + (1 - alpha) * (((Wq - W) @ Xq) ** 2).sum()) / T
-                     + lam * ((Wq - W) ** 2).sum())
-
-    free, bounded = {}, {}
+    free, capped = {}, {}
     Wf = fp_target_weight(W, H, C, percdamp=p, alpha=alpha, info=free)
-    assert free["fp_shift"] > 2 * alpha and free["fp_ridge"] == 0
-    rel = torch.linalg.matrix_norm(Wf - W) / torch.linalg.matrix_norm(W)
-    assert abs(float(rel) - free["fp_shift"]) < 1e-12
-    Wc = fp_target_weight(W, H, C, percdamp=p, alpha=alpha, max_shift=alpha, info=bounded)
-    assert bounded["fp_shift"] == free["fp_shift"] and bounded["fp_ridge"] > 0 and bounded["fp_shift_applied"] == alpha
-    radius = alpha * float(torch.linalg.matrix_norm(W))
-    Dc = Wc - W
-    assert abs(float(torch.linalg.matrix_norm(Dc)) / radius - 1) < 1e-9
-    nu = bounded["fp_ridge"] * float(torch.diagonal(H).mean())
-    grad = (alpha * (Wc @ Xq - W @ X) @ Xq.T + (1 - alpha) * (Dc @ Xq) @ Xq.T) / T + lam * Dc
-    torch.testing.assert_close(grad, -nu * Dc, rtol=0, atol=1e-9)         # KKT: stationary on the sphere
-    best = objective(Wc)
-    shrunk = W + (Wf - W) * radius / float(torch.linalg.matrix_norm(Wf - W))     # alpha scaled down instead
-    assert best < objective(shrunk) - 1e-9
-    for _ in range(200):                        # random feasible points: none is better
-        Dr = torch.randn(R, D, generator=g, dtype=torch.float64)
-        Dr *= radius * float(torch.rand(1, generator=g)) / float(torch.linalg.matrix_norm(Dr))
-        assert best <= objective(W + Dr) + 1e-12
-        Dn = Dc + 0.05 * Dr                     # near the solution, projected back onto the region
-        Dn *= min(1.0, radius / float(torch.linalg.matrix_norm(Dn)))
-        assert best <= objective(W + Dn) + 1e-12
+    assert free["fp_shift"] > 2 * alpha and free["fp_alpha_applied"] == alpha
+    torch.testing.assert_close(torch.linalg.matrix_norm(Wf - W) / torch.linalg.matrix_norm(W),
+                               torch.tensor(free["fp_shift"], dtype=torch.float64), rtol=1e-12, atol=0)
+    Wc = fp_target_weight(W, H, C, percdamp=p, alpha=alpha, max_shift=alpha, info=capped)
+    assert capped["fp_shift"] == free["fp_shift"] and capped["fp_alpha_applied"] < alpha
+    rel = float(torch.linalg.matrix_norm(Wc - W) / torch.linalg.matrix_norm(W))
+    assert abs(rel - alpha) < 1e-12
+    a = capped["fp_alpha_applied"]
+    torch.testing.assert_close(Wc, fp_target_weight(W, H, C, percdamp=p, alpha=a), rtol=1e-12, atol=1e-12)
+    lam = p * torch.diagonal(H).mean()
+    grad = (a * (Wc @ Xq - W @ X) @ Xq.T + (1 - a) * ((Wc - W) @ Xq) @ Xq.T) / T + lam * (Wc - W)
+    assert float(grad.abs().max()) < 1e-10
     # a tame correction (small drift) is below the bound: unchanged, bit for bit
     W, X, Xq, H, C = _problem(seed=8, noise=0.05)
     tame = {}
     Wt = fp_target_weight(W, H, C, percdamp=p, alpha=alpha, max_shift=alpha, info=tame)
-    assert tame["fp_shift"] < alpha and tame["fp_ridge"] == 0
+    assert tame["fp_shift"] < alpha and tame["fp_alpha_applied"] == alpha
     assert torch.equal(Wt, fp_target_weight(W, H, C, percdamp=p, alpha=alpha))
     assert torch.equal(fp_target_weight(W, H, H.clone(), max_shift=0.1), W)     # no correction: nothing to bound
 
@@ -168,12 +153,12 @@ def test_pipeline_fp_targets_correct_later_blocks_and_resume_bit_identically(tmp
     _quant(model, plain, method=method, fp_targets=False)
     report = _quant(model, fpt, method=method, fp_targets=True)
     assert "block statistics (one forward)" in report["blocks"]["1"]["phase_seconds"]
-    # each corrected layer reports its correction's size, bounded by --fp-max-shift (1: 0.25 ||W||)
+    # each corrected layer reports its correction's size; one beyond --fp-max-shift (1: 0.25 ||W||) was
+    # solved on both targets and kept the lower objective
     for i in ("1", "2"):
         for layer in report["blocks"][i]["layers"]:
             info = layer["info"]
-            assert info["fp_shift"] > 0 and info["fp_shift_applied"] == min(info["fp_shift"], 0.25), layer
-            assert (info["fp_ridge"] > 0) == (info["fp_shift"] > 0.25), layer
+            assert info["fp_shift"] > 0 and ("fp_bounded_kept" in info) == (info["fp_shift"] > 0.25), layer
     assert all(layer["info"]["fp_shift"] == 0 for layer in report["blocks"]["0"]["layers"])
     a0, b0 = RunState(plain).load_block(0)[0], RunState(fpt).load_block(0)[0]
     for k in a0:
@@ -189,6 +174,33 @@ def test_pipeline_fp_targets_correct_later_blocks_and_resume_bit_identically(tmp
     again = load_file(fpt / "model.safetensors")
     for k in ref:
         assert torch.equal(ref[k], again[k]), k
+
+
+@needs_shared
+@pytest.mark.parametrize("method", ["gptq", "boa"])
+def test_pipeline_bounded_target_is_a_second_candidate_kept_only_when_its_objective_is_lower(tmp_path, method):
+    """--fp-max-shift solves a layer whose correction exceeds the bound on both targets and keeps the one
+    with the lower objective against the full correction; a bound no layer reaches changes nothing (the
+    checkpoint equals an unbounded run's bit for bit)."""
+    model = save_tiny_model("llama", tmp_path / "m", seed=5, n_layers=3)
+    runs = {}
+    for label, shift in (("free", 0.0), ("high", 1e6), ("tiny", 1e-4)):
+        report = _quant(model, tmp_path / label, method=method, fp_targets=True, fp_max_shift=shift)
+        runs[label] = (report, load_file(tmp_path / label / "model.safetensors"))
+    for k, v in runs["free"][1].items():
+        assert torch.equal(v, runs["high"][1][k]), k
+    kept = []
+    for i in ("1", "2"):
+        for layer in runs["tiny"][0]["blocks"][i]["layers"]:
+            info = layer["info"]
+            assert info["fp_bounded_kept"] == (info["fp_loss_bounded"] < info["fp_loss_full"]), layer
+            assert 0 < info["fp_alpha_bounded"] < 0.25, layer
+            kept.append(info["fp_bounded_kept"])
+        assert all("fp_bounded_kept" not in lay["info"] for lay in runs["free"][0]["blocks"][i]["layers"])
+    # the full target's solve is the unbounded run's: where it always wins, the checkpoints are equal
+    differs = [k for k, v in runs["free"][1].items() if not torch.equal(v, runs["tiny"][1][k])]
+    assert bool(differs) == any(kept), (kept, differs)
+    assert not any(".layers.0." in k for k in differs)      # block 0: no correction (C = H), one target
 
 
 @needs_shared

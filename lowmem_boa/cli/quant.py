@@ -85,10 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "second activation stream (2x activation memory, ~2x statistics time). Default: on (off with "
                    "--true-sequential); measured in docs/results.md")
     m.add_argument("--fp-max-shift", type=float, default=1.0,
-                   help="--fp-targets: bound each layer's corrected weight to ||W' - W|| <= this * alpha * ||W|| (the "
-                   "objective's minimiser within the bound: a larger ridge for that layer; where the quantized stream "
-                   "has drifted far from the fp one the unbounded correction is a wild target: docs/results.md); "
-                   "default 1, 0: no bound")
+                   help="--fp-targets: a layer whose correction exceeds ||W' - W|| > this * alpha * ||W|| (the "
+                   "quantized stream has drifted far from the fp one: a wild target) is also solved on the target "
+                   "bounded to that size, and the result with the lower objective is kept (docs/design.md); "
+                   "default 1, 0: never")
     m.add_argument("--fp-alpha", type=float, default=0.25,
                    help="--fp-targets: move each layer's target this fraction of the way from its own output on the "
                    "quantized model's input (0) to the full-precision model's output (1); default 0.25 "

@@ -71,6 +71,7 @@ class PlanInputs:
     fake_quant: bool = True        # the fake-quantized checkpoint is written (disk plan)
     exports: tuple = ()            # --export formats (disk plan)
     fp_targets: bool = False       # a second (full-precision) activation stream and C = X_fp X~^T per H
+    fp_bound: bool = False         # --fp-max-shift: a layer whose correction exceeds it is solved twice
     mlp_row_group: int | None = None   # BoA --mlp-row-hessian: rows per block of the MLP-input row Hessian
 
 
@@ -187,13 +188,15 @@ def solver_workspace(rows: int, cols: int, n_col_hessians: int, dtype_bytes: int
 
     Hessians handed over (no copy), their ``U`` factors, Cholesky temporaries for one head,
     the float32 weight copy, the Hessian-grid search temporaries, sweep outputs and the
-    un-permuted result; with ``search_orders`` also the pristine Hessians the solver copies
-    (``row_hessian_bytes`` for BoA's H_row) and the best result kept across the tries.
+    un-permuted result; with ``search_orders`` (more than one try of the layer: the act-order
+    combinations of ``--search-orders``, the bounded target of ``--fp-max-shift``) also the pristine
+    Hessians the solver copies (``row_hessian_bytes`` for BoA's H_row) and the best result kept
+    across the tries.
     """
     rc = rows * cols
     extra = {}
     if search_orders:
-        extra["search-orders: Hessian copies + best result"] = (n_col_hessians * cols * cols * F32
+        extra["several tries: Hessian copies + best result"] = (n_col_hessians * cols * cols * F32
                                                                  + row_hessian_bytes + 2 * rc * F32)
     return {**extra,
         "H_col (handed over)": n_col_hessians * cols * cols * F32,
@@ -339,8 +342,11 @@ def _solve_phase(D: Dims, inp: PlanInputs, blk: int, b: int) -> Phase:
     mlp_rows = D.I * inp.mlp_row_group * F32 if inp.mlp_row_group else 0
     for name, (r, cc) in D.linear_shapes.items():
         nh = D.Hkv if (inp.method == "boa" and inp.block_v and name.endswith("v_proj")) else 1
-        ws = solver_workspace(r, cc, nh, b, inp.search_orders and inp.method != "rtn",
+        tries = (inp.search_orders or inp.fp_bound) and inp.method != "rtn"   # copies of the Hessians
+        ws = solver_workspace(r, cc, nh, b, tries,
                               max(D.H * D.dh * D.dh * F32, mlp_rows) if inp.method == "boa" else 0)
+        if inp.fp_bound:
+            ws["fp bound: the bounded target"] = r * cc * F32
         if sum(ws.values()) > sum(worst.values() or [0]):
             worst, worst_name = ws, name
     row_h = max(D.H * D.dh * D.dh * F32, mlp_rows) if inp.method == "boa" else 0

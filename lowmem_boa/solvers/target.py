@@ -27,22 +27,17 @@ GPTQ/BoA) to the fp model's (``alpha = 1``). With ``R = C - H = (X - X~) X~^T`` 
 the minimiser of ``alpha ||Q X~ - W X||^2 + (1 - alpha) ||(Q - W) X~||^2 + lam ||Q - W||^2``
 (the two objectives share ``H``, so their weighted sum is again ``tr((Q - W') H (Q - W')^T)``).
 
-**A bound on the correction** (``max_shift``). The correction is a regression of the fp output on the
-perturbed input. Where the two streams have drifted apart (``||X - X~||`` comparable to ``||X||``) the
-fp output is not reachable from ``X~``, and ``(H + lam I)^{-1}`` amplifies the weak directions of ``H``:
-``W'`` can come out several times the size of ``W`` (SmolLM2, 2 bits: 2.2-2.8x in block 11's
-MLP-output layer, where the model makes its attention sink), and the solver then quantizes a wild
-target on a grid stretched to its range. With a healthy stream ``||W' - W|| ~ alpha ||W|| ||X - X~|| /
-||X||`` stays below ``alpha ||W||``. ``max_shift = m`` solves the same weighted objective over the
-trust region ``||W' - W||_F <= m ||W||_F``: with ``Delta = W' - W`` the objective is
-``tr(Delta (H + lam I) Delta^T) - 2 alpha tr(Delta R^T W^T) + const``, and its constrained minimiser
-(KKT) is the ridge solution with a larger damping,
-
-    Delta(nu) = alpha W R (H + (lam + nu) I)^{-1},   nu >= 0 the smallest with ||Delta(nu)|| <= m ||W||,
-
-found on the eigenvalues of ``H + lam I`` (``||Delta(nu)||`` falls monotonically in ``nu``). Unlike a
-smaller alpha it keeps the correction along ``H``'s strong directions (the tokens that own the
-layer's input energy) and cuts it along the weak ones, where the regression extrapolates.
+**A bounded second candidate** (``max_shift``). The correction is a regression of the fp output on
+the perturbed input. Where the two streams have drifted apart (``||X - X~||`` comparable to ``||X||``)
+the fp output is not reachable from ``X~``, and ``(H + lam I)^{-1}`` amplifies the weak directions of
+``H``: ``W'`` can come out several times the size of ``W`` (SmolLM2, 2 bits: 1.5-2.8x in block 11's
+MLP-output layer, where the model makes its attention sink). With a healthy stream ``||W' - W|| ~
+alpha ||W|| ||X - X~|| / ||X||`` stays below ``alpha ||W||``. ``max_shift = m`` returns the weight with
+``alpha`` scaled down so that ``||W' - W||_F <= m ||W||_F`` (``alpha_applied = alpha * min(1, m ||W|| /
+(alpha ||Z||))``): again ``W'(alpha_applied)``, the minimiser of the same weighted objective with a
+smaller weight on the fp term. The block solver uses it as a second candidate, never blindly
+(``block.BlockQuantizer.solve``): a wild target is sometimes what the model needs (the sink token's
+output) and sometimes beyond what the grid can follow.
 """
 
 from __future__ import annotations
@@ -56,17 +51,15 @@ def fp_target_weight(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, percdamp
 
     ``H`` and ``C`` are not modified. Dead input channels (zero diagonal of ``H``) get a unit
     diagonal as in the solvers; their column of ``C - H`` is zero, so they keep ``W``'s column.
-    ``max_shift``: if given, the minimiser over ``||W' - W||_F <= max_shift ||W||_F`` (module docstring).
-    ``info``, if given, receives ``fp_shift`` (``||W' - W|| / ||W||`` without the bound), ``fp_ridge``
-    (the bound's extra damping ``nu`` as a fraction of ``mean diag H``; 0 where the bound is not hit)
-    and ``fp_shift_applied``. Returns the corrected weight in ``W``'s dtype.
+    ``max_shift``: if given, ``alpha`` is scaled down so that ``||W' - W||_F <= max_shift ||W||_F``
+    (module docstring). ``info``, if given, receives ``fp_shift`` (``||alpha Z|| / ||W||`` before the
+    bound) and ``fp_alpha_applied``. Returns the corrected weight in ``W``'s dtype.
     """
     f = torch.promote_types(W.dtype, torch.float32)     # float32 (float64 stays float64)
     Hd = H.to(f).clone()
     diag = torch.diagonal(Hd)
     diag[diag == 0] = 1.0
-    mean_diag = float(diag.mean())
-    diag.add_(percdamp * mean_diag)
+    diag.add_(percdamp * diag.mean())
     D = C.to(f) - H.to(f)
     rhs = (W.to(f) @ D).T                       # (D, R): solve Hd^T Z = (W D)^T, Hd symmetric
     L, failed = torch.linalg.cholesky_ex(Hd)
@@ -77,38 +70,10 @@ def fp_target_weight(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, percdamp
     Wf = W.to(f)
     w_norm = float(torch.linalg.matrix_norm(Wf))
     shift = alpha * float(torch.linalg.matrix_norm(Z)) / w_norm if w_norm > 0 else 0.0
-    nu = 0.0
+    applied = alpha
     if max_shift is not None and shift > max_shift:
-        delta_t, nu = _trust_region(Hd, alpha * rhs, max_shift * w_norm)
-        out = Wf + delta_t.T
-    else:
-        out = Wf + alpha * Z.T
+        applied = alpha * max_shift / shift
     if info is not None:
         info["fp_shift"] = shift
-        info["fp_ridge"] = nu / mean_diag
-        info["fp_shift_applied"] = min(shift, max_shift) if max_shift is not None else shift
-    return out.to(W.dtype)
-
-
-def _trust_region(Hd: torch.Tensor, rhs: torch.Tensor, radius: float) -> tuple[torch.Tensor, float]:
-    """``(Hd + nu I)^{-1} rhs`` (``(D, R)``) with the smallest ``nu >= 0`` whose result has Frobenius norm
-    ``<= radius``, and ``nu``: bisection on the eigenvalues of the symmetric positive (semi)definite ``Hd``,
-    in float64 (one ``D x D`` eigendecomposition; only layers whose correction exceeds the bound pay it)."""
-    e, V = torch.linalg.eigh(Hd.double())
-    e = e.clamp_min(0.0)
-    P = V.T @ rhs.double()                      # the right-hand side in H's eigenbasis
-    g = P.pow(2).sum(1)                         # per eigen-direction squared norm
-
-    def norm(nu: float) -> float:
-        return float((g / (e + nu).clamp_min(1e-300).pow(2)).sum().sqrt())
-
-    lo, hi = 0.0, float(g.sum().sqrt()) / radius     # at hi the norm is <= radius (every e >= 0)
-    if norm(lo) <= radius:
-        hi = lo
-    for _ in range(200):                        # norm(hi) <= radius < norm(lo)
-        if hi - lo <= 1e-12 * hi:
-            break
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if norm(mid) > radius else (lo, mid)
-    out = V @ (P / (e + hi).clamp_min(1e-300)[:, None])
-    return out.to(rhs.dtype), hi
+        info["fp_alpha_applied"] = applied
+    return (Wf + applied * Z.T).to(W.dtype)
