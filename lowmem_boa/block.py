@@ -312,7 +312,9 @@ class BlockQuantizer:
         The Hessians are handed to the solver, which damps them in place; the relative errors
         in the report are measured with those damped Hessians (no extra copy on the device).
         With ``--search-orders`` the solver damps a copy instead, every act-order combination is
-        solved, and the one with the lowest undamped objective is kept (``info["orders"]``).
+        solved, and the one with the lowest undamped objective is kept (``info["orders"]``). A layer
+        whose fp-target correction exceeds ``--fp-max-shift`` is tried the same way on the bounded
+        target too, every try scored against the full target (``info["fp_bounded_kept"]``).
         """
         t0 = time.perf_counter()
         qc = self.qc

@@ -151,7 +151,7 @@ class QuantConfig:
         if not 0 < self.fp_alpha <= 1:
             raise ValueError(f"--fp-alpha must be in (0, 1], got {self.fp_alpha}")
         if not 0 <= self.fp_max_shift < float("inf"):
-            raise ValueError(f"--fp-max-shift must be a non-negative number (0: no bound), got {self.fp_max_shift}")
+            raise ValueError(f"--fp-max-shift must be a non-negative number (0: no guard), got {self.fp_max_shift}")
         if not isinstance(self.refine_scales, int) or self.refine_scales < 0:
             raise ValueError(f"--refine-scales must be a non-negative integer, got {self.refine_scales!r}")
         if not isinstance(self.grid_coarse, int) or self.grid_coarse < 1:
