@@ -79,7 +79,7 @@ def main(argv=None):
         info = {}
         Wt = fp_target_weight(W.clone(), H.clone(), C.clone(), 0.01, 0.25, bound, info)
         print(f"fp-target correction (alpha 0.25, max shift {bound}): ||W' - W|| / ||W|| = "
-              f"{((Wt - W).norm() / W.norm()).item():.3f}, extra damping {info['fp_ridge']:.3g} of mean diag H")
+              f"{((Wt - W).norm() / W.norm()).item():.3f}, alpha applied {info['fp_alpha_applied']:.4f}")
         for label, kw in (("full grid", {}), ("coarse 8", {"coarse": 8})):
             res = gptq_quantize(Wt, H.clone(), 2, percdamp=0.01, refine_sweeps=1, **kw)
             print(f"GPTQ on W' {label:9s}: error vs W on the quantized stream: sink {err(res.Q, top, X):.4f}, "
