@@ -6,7 +6,9 @@ full precision, as the one-pass statistics see it), the fp model the fp stream, 
 calibration windows (the first ``--windows`` of them). Prints the sink tokens' share of ``H_col``,
 the relative error of sink tokens and of the others for GPTQ with the full and the coarse grid, MinMax,
 two dampings, and after the fp-target correction (``solvers.target.fp_target_weight``, α 0.25), with
-the size of that correction, unbounded and bounded as ``--fp-max-shift 1`` does. A diagnostic (no model is written).
+the size of that correction, unbounded and bounded as ``--fp-max-shift 1`` does, and how far the
+quantized stream is from the fp one at each step of the block (its input, the MLP's normed input, gate,
+up, ``down_proj``'s input). A diagnostic (no model is written).
 
     OMP_NUM_THREADS=1 python benchmarks/resolve_mlp_out.py \
         --checkpoint benchmarks/_work/quality/smollm2-135m/boa-turbo-fast-w2-n128-s1 --seed 1 --block 11 --windows 8
@@ -48,18 +50,34 @@ def main(argv=None):
     fp = AutoModelForCausalLM.from_pretrained(args.fp, dtype=torch.float32).eval()
     q = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32).eval()
     q.model.layers[B].load_state_dict(fp.model.layers[B].state_dict())
-    xs, xf = [], []
-    q.model.layers[B].mlp.down_proj.register_forward_pre_hook(lambda m, a: xs.append(a[0][0].double()))
-    fp.model.layers[B].mlp.down_proj.register_forward_pre_hook(lambda m, a: xf.append(a[0][0].double()))
+    # the two streams at each step of block B: its input (residual stream), the MLP's normed input, gate,
+    # up, and down_proj's input (the statistics' X)
+    rec = {}
+
+    def keep(key, pre):
+        def hook(m, a, o=None):
+            rec.setdefault(key, []).append((a[0] if pre else o)[0].double())
+        return hook
+    for model, tag in ((q, "q"), (fp, "fp")):
+        lay = model.model.layers[B]
+        lay.register_forward_pre_hook(keep((tag, "block input"), True))
+        lay.post_attention_layernorm.register_forward_hook(keep((tag, "MLP input (normed)"), False))
+        lay.mlp.gate_proj.register_forward_hook(keep((tag, "gate_proj output"), False))
+        lay.mlp.up_proj.register_forward_hook(keep((tag, "up_proj output"), False))
+        lay.mlp.down_proj.register_forward_pre_hook(keep((tag, "down_proj input"), True))
     with torch.no_grad():
         for w in ids:
             q(w[None])
             fp(w[None])
-    X, XF = torch.cat(xs), torch.cat(xf)
+    X, XF = torch.cat(rec[("q", "down_proj input")]), torch.cat(rec[("fp", "down_proj input")])
     sq = X.pow(2).sum(-1)
     top = sq > 100 * sq.median()
     print(f"{X.shape[0]} tokens, {int(top.sum())} sink tokens (> 100x the median squared norm), "
           f"their share of H_col's trace {(sq[top].sum() / sq.sum()).item():.4f}")
+    for key in ("block input", "MLP input (normed)", "gate_proj output", "up_proj output", "down_proj input"):
+        a, b = torch.cat(rec[("q", key)]), torch.cat(rec[("fp", key)])
+        print(f"quantized vs fp stream, {key:18s}: ||a - b|| / ||b||: sink {((a - b)[top].norm() / b[top].norm()).item():.3f}, "
+              f"others {((a - b)[~top].norm() / b[~top].norm()).item():.3f}")
     H = (X.T @ X / X.shape[0]).float()
     C = (XF.T @ X / X.shape[0]).float()
     W = fp.model.layers[B].mlp.down_proj.weight.data.clone()
