@@ -169,6 +169,9 @@ VARIANTS = {
                        "--fp-max-shift", "1"],
     "boa-turbo-auto-cap": ["--method", "boa", "--fp-targets", "--fp-alpha", "0.25", "--follow-grids", "--refine-scales",
                            "1", "--joint-rows", "auto", "--grid-coarse", "8", "--fp-max-shift", "1"],
+    # --block-v-targets (V's fp target from its own attention-weighted cross statistics) on today's defaults
+    "boa-turbo-bvt": ["--method", "boa", "--fp-targets", "--fp-alpha", "0.25", "--follow-grids", "--refine-scales",
+                      "1", "--joint-rows", "auto", "--grid-coarse", "8", "--block-v-targets"],
     "llmc-gptq": None,   # llm-compressor's GPTQModifier in its own virtualenv (benchmarks/llmc_gptq.py)
 }
 
@@ -199,7 +202,7 @@ STUDIES = {
     "defaults2": {"bits": ["2"], "variants": ["boa-turbo-auto", "gptq-turbo", "boa-turbo-noblockv", "boa-turbo-nomlprow",
                                               "boa-turbo-search", "boa-turbo-damp03", "boa-turbo-damp10", "boa-turbo-g64",
                                               "boa-turbo-gfull", "gptq-turbo-rw", "boa-turbo-auto-rw",
-                                              "gptq-turbo-cap", "boa-turbo-auto-cap"],
+                                              "gptq-turbo-cap", "boa-turbo-auto-cap", "boa-turbo-bvt"],
                   "nsamples": [None]},
     "damp": {"bits": ["2"], "variants": ["gptq", "boa", "gptq-damp03", "boa-damp03", "gptq-damp10", "boa-damp10"],
              "nsamples": [None]},

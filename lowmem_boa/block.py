@@ -16,7 +16,9 @@ groups' inputs (``one_pass_statistics``); ``--true-sequential`` takes each group
 with the groups before it already quantized, a partial forward per group. With fp targets (the
 default for GPTQ/BoA) a second stream, the full-precision model's own block inputs, gives each
 layer the cross statistics ``C`` of its target (``solvers.target``); in one pass its chunk runs
-through the whole fp block once, which also gives the fp stream's next block input. With
+through the whole fp block once, which also gives the fp stream's next block input. V under
+block_v takes q/k/v's ``C``, or with ``--block-v-targets`` its own per-head attention-weighted one (the
+fp stream through its own attention maps: ``stats.block_v_cross_grams``). With
 ``--residual-weights`` the quantized stream's chunk also runs to the block's end, and the MLP-output
 layer's sums weigh each token by the inverse mean square of that output (``stats.residual_token_weights``).
 The solvers run with the configured corrections (scale refinement, following grids, joint rows: ``solvers``).
@@ -44,7 +46,7 @@ from .solvers import boa_quantize, gptq_quantize, rtn_quantize
 from .solvers.kquant import layer_type
 from .solvers.objective import attention_loss, layer_loss
 from .solvers.target import fp_target_weight
-from .stats import (attention_grams, block_v_grams, cross_gram, gain_grams, gram, mlp_row_hessian,
+from .stats import (attention_grams, block_v_cross_grams, block_v_grams, cross_gram, gain_grams, gram, mlp_row_hessian,
                     qk_row_hessians, residual_token_weights, wout_row_hessian)
 
 
@@ -256,27 +258,47 @@ class BlockQuantizer:
         self.phase_seconds[PHASE_STATS] = time.perf_counter() - t0
         return H_qkv, C_qkv, rows, early
 
-    def block_v_statistics(self, block, store: ActivationStore) -> torch.Tensor:
-        """Per-KV-head ``X A^T A X^T`` (mean over tokens), a few query heads at a time."""
+    def block_v_statistics(self, block, store: ActivationStore) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-KV-head ``X A^T A X^T`` (mean over tokens), a few query heads at a time; with
+        ``--block-v-targets`` also the per-head cross statistics ``X_fp A_fp^T A X^T`` against the fp
+        stream (its own attention maps), V's ``C`` (else None)."""
         t0 = time.perf_counter()
         h = self.heads
         g = self.plan.attn_heads
+        cross = self.plan.inputs.block_v_targets
         H_v = torch.zeros(h.n_kv_heads, h.hidden_size, h.hidden_size)
+        C_v = torch.zeros(h.n_kv_heads, h.hidden_size, h.hidden_size) if cross else None
         tokens = store.nsamples * self.qc.seqlen
         with self._phase(PHASE_BLOCK_V), self._workspace(PHASE_BLOCK_V):
             for h0 in range(0, h.n_heads, g):
                 h1 = min(h0 + g, h.n_heads)
                 kv0, kv1 = h0 // h.n_rep, h1 // h.n_rep
                 acc = self.sch.device_zeros("block_v accumulator", (kv1 - kv0, h.hidden_size, h.hidden_size))
-                for _, _, x in self.sch.chunks(store.inputs, self.plan.attn_chunk):
+                acc_c = self.sch.device_zeros("block_v cross accumulator", (kv1 - kv0, h.hidden_size, h.hidden_size)) \
+                    if cross else None
+                chunks = self._pairs(store, self.plan.attn_chunk) if cross else \
+                    ((i0, i1, x, None) for i0, i1, x in self.sch.chunks(store.inputs, self.plan.attn_chunk))
+                for _, _, x, xf in chunks:
                     xa = capture_input(block, self.adapter.q_proj, x, self.kwargs)
                     st = self.adapter.attention_states(block, xa, self.kwargs)
-                    acc += block_v_grams(xa, st, h.n_rep, range(h0, h1))
+                    if cross:
+                        xfa = capture_input(block, self.adapter.q_proj, xf, self.kwargs)
+                        stf = self.adapter.attention_states(block, xfa, self.kwargs)
+                        gh, gc = block_v_cross_grams(xa, st, xfa, stf, h.n_rep, range(h0, h1))
+                        acc += gh
+                        acc_c += gc
+                        del gh, gc, xfa, stf
+                    else:
+                        acc += block_v_grams(xa, st, h.n_rep, range(h0, h1))
                 H_v[kv0:kv1] = self.sch.to_host(acc) / tokens
                 del acc
                 self.sch.free("block_v accumulator")
+                if cross:
+                    C_v[kv0:kv1] = self.sch.to_host(acc_c) / tokens
+                    del acc_c
+                    self.sch.free("block_v cross accumulator")
         self.phase_seconds[PHASE_BLOCK_V] = time.perf_counter() - t0
-        return H_v
+        return H_v, C_v
 
     # ----- solving ----------------------------------------------------------------------
     def retarget(self, block, name: str, target: tuple) -> tuple[dict, torch.Tensor | None]:
@@ -429,13 +451,16 @@ class BlockQuantizer:
                 early = {}
             else:   # one forward per chunk gives every group's statistics (and the fp stream's output)
                 H_qkv, C_qkv, rows, early = self.one_pass_statistics(block, store)
-            H_v = self.block_v_statistics(block, store) if qc.method == "boa" and qc.block_v else H_qkv
+            H_v, C_v = self.block_v_statistics(block, store) if qc.method == "boa" and qc.block_v else (H_qkv, None)
 
             def col_stats(name):
                 return early.pop(name) if name in early else \
                     self._column_hessian(block, store, name, later[name], gains.get(name))
 
-            qkv_target = (H_qkv, C_qkv)   # V under block_v: corrected with the plain q/k/v statistics
+            qkv_target = (H_qkv, C_qkv)
+            # V under block_v: corrected with the plain q/k/v statistics, or with --block-v-targets per head
+            # with its own attention-weighted ones
+            v_target = (H_v, C_v) if C_v is not None else qkv_target
             if qc.method == "boa":
                 H_row_q, H_row_k = rows
                 if qc.v_row_hessian:
@@ -445,7 +470,7 @@ class BlockQuantizer:
                     H_row_v = torch.eye(h.head_dim).expand(h.n_kv_heads, -1, -1).contiguous()
                 record(a.q_proj, self.solve(block, a.q_proj, H_qkv, H_row_q, h.n_heads, qkv_target))
                 record(a.k_proj, self.solve(block, a.k_proj, H_qkv, H_row_k, h.n_kv_heads, qkv_target))
-                record(a.v_proj, self.solve(block, a.v_proj, H_v, H_row_v, h.n_kv_heads, qkv_target))
+                record(a.v_proj, self.solve(block, a.v_proj, H_v, H_row_v, h.n_kv_heads, v_target))
             else:
                 for name in (a.q_proj, a.k_proj, a.v_proj):
                     record(name, self.solve(block, name, H_qkv, target=qkv_target))

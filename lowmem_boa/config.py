@@ -78,6 +78,8 @@ class QuantConfig:
     fp_alpha: float = 0.25          # ... moving the target this fraction of the way (GPTAQ/TurboBoA's alpha)
     fp_max_shift: float = 1.0       # ... a layer with ||W' - W|| > this * alpha * ||W|| (a wild target) is also
                                     # solved on the target bounded to it; the lower objective wins; 0: never
+    block_v_targets: bool = False   # BoA, block_v with fp targets: V's target from the attention-weighted per-head
+                                    # cross statistics (the fp stream's attention maps) instead of q/k/v's plain ones
     follow_grids: bool = True       # BoA: a row's grid searched on the row as updated, right before it is swept
     refine_scales: int = 1          # GPTQ/BoA: coordinate-descent sweeps of scale refinement once codes are fixed
     joint_rows: int | None = None   # BoA: rows of a head quantized together (closed-form update of the rest);
@@ -162,6 +164,13 @@ class QuantConfig:
             raise ValueError("--fp-targets needs calibration solves: use --method gptq or boa")
         if self.fp_targets and self.true_sequential:
             raise ValueError("--fp-targets fits one-pass statistics; it cannot be combined with --true-sequential")
+        if self.block_v_targets:
+            off = [why for why, bad in (("--method boa", self.method != "boa"), ("--block-v", not self.block_v),
+                                        ("--fp-targets", self.fp_targets is False or self.true_sequential)) if bad]
+            if off:
+                raise ValueError("--block-v-targets corrects V's fp target under block_v: it needs "
+                                 + ", ".join(off) + (" (fp targets are off with --true-sequential)"
+                                                     if self.true_sequential else ""))
         if self.residual_weights and (self.method == "rtn" or self.true_sequential):
             raise ValueError("--residual-weights weighs the one-pass calibration statistics: use --method gptq or boa "
                              "without --true-sequential")
@@ -224,7 +233,7 @@ class QuantConfig:
 # option -> the value that reproduces the code before it existed (see QuantConfig.state_dict)
 ADDED_LATER = {"mlp_row_damp": 0.0, "fp_alpha": 1.0, "follow_grids": False, "refine_scales": 0, "joint_rows": 1,
                "grid_coarse": 1, "kquant": None, "kquant_types": None, "residual_weights": False,
-               "fp_max_shift": 0.0}
+               "fp_max_shift": 0.0, "block_v_targets": False}
 
 
 @dataclass

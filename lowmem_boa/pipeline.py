@@ -206,6 +206,7 @@ def prepare_run(qc: QuantConfig, ro: RunOptions, console: Console | None = None)
                         group_size=qc.group_size or (KTYPES[base_type(qc.kquant)].sub if qc.kquant else None),
                         true_sequential=qc.true_sequential, search_orders=qc.search_orders,
                         fp_targets=qc.fp_targets, fp_bound=bool(qc.fp_targets and qc.fp_max_shift),
+                        block_v_targets=bool(qc.block_v_targets and qc.fp_targets and qc.block_v and qc.method == "boa"),
                         mlp_row_group=(mlp_row_group(adapter.intermediate_size, qc.mlp_row_group)
                                        if qc.method == "boa" and qc.mlp_row_hessian else None),
                         qparam=qc.qparam, grid_coarse=qc.grid_coarse, refine_scales=qc.refine_scales,

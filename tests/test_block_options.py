@@ -139,11 +139,13 @@ def test_cli_exposes_the_block_options():
     assert qc.state_dict() == {k: v for k, v in qc.as_dict().items()      # the code before issue 17
                                if k not in ("fp_alpha", "follow_grids", "refine_scales", "joint_rows", "grid_coarse",
                                              "mlp_row_damp", "kquant", "kquant_types", "kquant_embedding",
-                                             "residual_weights", "fp_max_shift")}
+                                             "residual_weights", "fp_max_shift", "block_v_targets")}
     assert parse(["--model", "m"])[0].fp_max_shift == 1.0
     assert parse(["--model", "m", "--fp-targets", "--fp-max-shift", "0"])[0].state_dict().get("fp_max_shift") is None
     assert parse(["--model", "m", "--fp-targets"])[0].state_dict()["fp_max_shift"] == 1.0    # in the run's key
     assert parse(["--model", "m", "--residual-weights"])[0].state_dict()["residual_weights"] is True
+    assert parse(["--model", "m"])[0].block_v_targets is False
+    assert parse(["--model", "m", "--block-v-targets"])[0].state_dict()["block_v_targets"] is True
     assert parse(["--model", "m", "--kquant", "Q3_K"])[0].kquant == "q3_k"
     assert parse(["--model", "m", "--kquant", "q3_k"])[0].state_dict()["kquant"] == "q3_k"   # in the run's key
     assert parse(["--model", "m", "--kquant", "q2_k", "--kquant-type", "mlp.down_proj=q3_k"])[0].state_dict()[

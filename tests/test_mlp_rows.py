@@ -130,7 +130,7 @@ def test_options_added_later_keep_old_runs_resumable():
     old_solver = dict(fp_targets=False, refine_scales=0, follow_grids=False, joint_rows=1, grid_coarse=1)   # before issue 17
     qc = QuantConfig(model="m", method="boa", **old_solver)
     later = ("mlp_row_damp", "fp_alpha", "follow_grids", "refine_scales", "joint_rows", "grid_coarse", "kquant",
-             "kquant_types", "kquant_embedding", "residual_weights", "fp_max_shift")
+             "kquant_types", "kquant_embedding", "residual_weights", "fp_max_shift", "block_v_targets")
     old = {k: v for k, v in qc.as_dict().items() if k not in later}
     assert qc.state_dict() == old
     assert QuantConfig(model="m", method="boa", mlp_row_damp=0.1, **old_solver).state_dict()["mlp_row_damp"] == 0.1
@@ -148,6 +148,9 @@ def test_options_added_later_keep_old_runs_resumable():
 def test_new_solver_options_refuse_bad_values_before_any_work():
     from lowmem_boa.config import QuantConfig
     for kw, flag in ((dict(fp_alpha=0.0), "--fp-alpha"), (dict(fp_alpha=1.5), "--fp-alpha"),
+                     (dict(block_v_targets=True, block_v=False), "--block-v-targets"),
+                     (dict(block_v_targets=True, fp_targets=False), "--block-v-targets"),
+                     (dict(block_v_targets=True, true_sequential=True), "--block-v-targets"),
                      (dict(refine_scales=-1), "--refine-scales"), (dict(joint_rows=0), "--joint-rows"),
                      (dict(grid_coarse=0), "--grid-coarse"), (dict(fp_max_shift=-1.0), "--fp-max-shift"),
                      (dict(fp_max_shift=float("nan")), "--fp-max-shift")):

@@ -5,8 +5,8 @@ import torch
 
 from lowmem_boa.forward import capture_input
 from lowmem_boa.models import get_adapter
-from lowmem_boa.stats import (attention_grams, block_v_grams, causal_attention_probs, gram, qk_row_hessians,
-                              rope_average, wout_row_hessian)
+from lowmem_boa.stats import (attention_grams, block_v_cross_grams, block_v_grams, causal_attention_probs, gram,
+                              qk_row_hessians, rope_average, wout_row_hessian)
 
 from tiny_models import tiny_config, tiny_model
 
@@ -26,6 +26,19 @@ def _block_inputs(model, x_ids):
     handle.remove()
     kw = {k: v for k, v in box["kw"].items() if k not in ("past_key_values", "use_cache", "cache_position")}
     return layers[0], box["h"], kw
+
+
+def _attention_input(family, seed, ids_seed, L):
+    """A tiny model's block 0: its adapter, the block, the forward kwargs, the attention input of two
+    random windows of ``L`` tokens and its attention states."""
+    model = tiny_model(family, seed=seed)
+    adapter = get_adapter(model.config)
+    ids = torch.randint(2, 8192, (2, L), generator=torch.Generator().manual_seed(ids_seed))
+    block, h, kw = _block_inputs(model, ids)
+    with torch.no_grad():
+        x = capture_input(block, adapter.q_proj, h, kw)
+        st = adapter.attention_states(block, x, kw)
+    return adapter, block, kw, x, st
 
 
 def _hf_attention_internals(attn, x, kw):
@@ -175,14 +188,8 @@ def test_block_statistics_match_brute_force(family):
 def test_relaxed_q_loss_is_the_kronecker_form_without_rope():
     """Without RoPE (OPT) the relaxed Q objective sum_t ||K dW x_t||^2 equals
     tr(H_row dW H_col dW^T) with H_col = X X^T and H_row = K^T K, exactly (eq. 15)."""
-    model = tiny_model("opt", seed=2)
-    adapter = get_adapter(model.config)
+    adapter, block, kw, x, st = _attention_input("opt", 2, 2, 16)
     hi = adapter.heads
-    ids = torch.randint(2, 8192, (2, 16), generator=torch.Generator().manual_seed(2))
-    block, h, kw = _block_inputs(model, ids)
-    with torch.no_grad():
-        x = capture_input(block, adapter.q_proj, h, kw)
-        st = adapter.attention_states(block, x, kw)
     gk, gq = attention_grams(st, hi.n_rep)
     H_q, _ = qk_row_hessians(gk.double(), gq.double(), hi.n_rep)
     X = x.double().reshape(-1, hi.hidden_size)
@@ -203,3 +210,36 @@ def test_heads_come_from_the_config():
     for fam, (H, Hkv, dh) in {"opt": (4, 4, 16), "llama": (4, 2, 16), "qwen3": (4, 2, 16)}.items():
         hi = get_adapter(tiny_config(fam)).heads
         assert (hi.n_heads, hi.n_kv_heads, hi.head_dim) == (H, Hkv, dh)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_block_v_cross_grams_match_brute_force(family):
+    """``--block-v-targets``: per KV head ``sum Y_fp,h^T Y_h`` (``Y = A X``, each stream with its own
+    attention maps, the model's) and ``sum Y_h^T Y_h``; the latter bit for bit ``block_v_grams``; on
+    one stream the cross Grams equal ``H``."""
+    adapter, block, kw, x, st = _attention_input(family, 3, 4, 18)
+    hi = adapter.heads
+    with torch.no_grad():
+        x_fp = x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+        st_fp = adapter.attention_states(block, x_fp, kw)
+        probs = _hf_attention_internals(adapter.attention(block), x, kw)[1]
+        probs_fp = _hf_attention_internals(adapter.attention(block), x_fp, kw)[1]
+    exp_h = torch.zeros(hi.n_kv_heads, hi.hidden_size, hi.hidden_size, dtype=torch.float64)
+    exp_c = torch.zeros_like(exp_h)
+    for hh in range(hi.n_heads):
+        for b in range(x.shape[0]):
+            Y = probs[b, hh].double() @ x[b].double()
+            Yf = probs_fp[b, hh].double() @ x_fp[b].double()
+            exp_h[hh // hi.n_rep] += Y.T @ Y
+            exp_c[hh // hi.n_rep] += Yf.T @ Y
+    assert not torch.allclose(exp_c, exp_h, rtol=1e-2)      # the streams really differ
+    L = x.shape[1]
+    for c in (None, 5, L):
+        for h0, h1 in ((0, hi.n_heads), (0, hi.n_rep)):
+            H, C = block_v_cross_grams(x, st, x_fp, st_fp, hi.n_rep, range(h0, h1), row_chunk=c)
+            k0, k1 = h0 // hi.n_rep, h1 // hi.n_rep
+            assert torch.allclose(H.double(), exp_h[k0:k1], rtol=1e-5, atol=1e-4)
+            assert torch.allclose(C.double(), exp_c[k0:k1], rtol=1e-5, atol=1e-4)
+            assert torch.equal(H, block_v_grams(x, st, hi.n_rep, range(h0, h1), row_chunk=c))
+    H, C = block_v_cross_grams(x, st, x, st, hi.n_rep, range(0, hi.n_heads))
+    assert torch.equal(H, C)

@@ -17,8 +17,8 @@ from ..config import BOA_GRID_COARSE, CALIB_SETS, DTYPES, JOINT_ROWS_DEFAULT, ME
 from ..solvers.validation import GRIDS
 
 PRESET_KEYS = {"device", "max_gpu_mem", "max_cpu_mem", "hessians", "nsamples", "seqlen", "block_v", "dtype",
-               "true_sequential", "v_row_hessian", "fp_targets", "fp_alpha", "fp_max_shift", "follow_grids", "refine_scales",
-               "joint_rows", "grid_coarse", "mlp_row_hessian", "mlp_row_group", "mlp_row_damp",
+               "true_sequential", "v_row_hessian", "fp_targets", "fp_alpha", "fp_max_shift", "block_v_targets",
+               "follow_grids", "refine_scales", "joint_rows", "grid_coarse", "mlp_row_hessian", "mlp_row_group", "mlp_row_damp",
                "residual_weights", "data_dir", "calib", "qparam", "group_size", "percdamp", "block_size"}
 
 
@@ -89,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "quantized stream has drifted far from the fp one: a wild target) is also solved on the target "
                    "bounded to that size, and the result with the lower objective is kept (docs/design.md); "
                    "default 1, 0: never")
+    m.add_argument("--block-v-targets", dest="block_v_targets", action=argparse.BooleanOptionalAction, default=False,
+                   help="BoA with --block-v and --fp-targets: correct V's target per KV head with the attention-weighted "
+                   "cross statistics of the two streams (sum X_fp A_fp^T A X~^T, the fp stream's own attention maps), "
+                   "consistent with block_v's H, instead of q/k/v's plain ones (~2x the block_v statistics; "
+                   "experimental, off)")
     m.add_argument("--fp-alpha", type=float, default=0.25,
                    help="--fp-targets: move each layer's target this fraction of the way from its own output on the "
                    "quantized model's input (0) to the full-precision model's output (1); default 0.25 "
@@ -185,6 +190,7 @@ def parse(argv=None):
                      act_order_col=args.act_order_col, act_order_row=args.act_order_row, percdamp=args.percdamp,
                      search_orders=args.search_orders, true_sequential=args.true_sequential, v_row_hessian=args.v_row_hessian,
                      fp_targets=args.fp_targets, fp_alpha=args.fp_alpha, fp_max_shift=args.fp_max_shift, follow_grids=args.follow_grids,
+                     block_v_targets=args.block_v_targets,
                      refine_scales=args.refine_scales, joint_rows=args.joint_rows,
                      grid_coarse=args.grid_coarse, mlp_row_hessian=args.mlp_row_hessian, kquant=args.kquant,
                      kquant_types=dict(args.kquant_type) if args.kquant_type else None,

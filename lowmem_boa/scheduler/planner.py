@@ -73,6 +73,7 @@ class PlanInputs:
     fp_targets: bool = False       # a second (full-precision) activation stream and C = X_fp X~^T per H
     fp_bound: bool = False         # --fp-max-shift: a layer whose correction exceeds it is solved twice
     mlp_row_group: int | None = None   # BoA --mlp-row-hessian: rows per block of the MLP-input row Hessian
+    block_v_targets: bool = False  # BoA --block-v-targets: V's per-head C from the fp stream's attention too
 
 
 @dataclass
@@ -254,13 +255,15 @@ def build_phases(D: Dims, inp: PlanInputs, c: int, ca: int, g: int, hess_dev: bo
             "H accumulator": acc(D.d) + (2 * D.Hkv * D.dh * D.dh * F32 if hess_dev else 0)}, D.d, act + x32)))
     if inp.method == "boa" and inp.block_v:
         kv = max(1, g // (D.H // D.Hkv))
+        streams = 2 if inp.block_v_targets else 1   # --block-v-targets: the fp stream's maps and C as well
         phases.append(Phase(PHASE_BLOCK_V, {
-            "block weights": blk, "input chunk": ca * L * D.d * b,
-            "attention input": ca * L * D.d * (b + F32),
-            "q/k (float32, rotated)": ca * L * (D.H + D.Hkv) * D.dh * F32 * 2,
-            "attention logits + probabilities": 2 * ca * g * L * L * F32,
-            "A X (float32)": ca * g * L * D.d * F32,
-            "per-head H_col partial": kv * gram(D.d), "per-head H_col accumulator": kv * gram(D.d)},
+            "block weights": blk, "input chunk": streams * ca * L * D.d * b,
+            "attention input": streams * ca * L * D.d * (b + F32),
+            "q/k (float32, rotated)": streams * ca * L * (D.H + D.Hkv) * D.dh * F32 * 2,
+            "attention logits + probabilities": streams * 2 * ca * g * L * L * F32,
+            "A X (float32)": streams * ca * g * L * D.d * F32,
+            "per-head H_col partial": streams * kv * gram(D.d),
+            "per-head H_col accumulator": streams * kv * gram(D.d)},
             f"{g} query heads x {ca} samples per step"))
     attn_fwd = _attention_forward(c, L, D, b)
     HO = D.H * D.dh
@@ -353,6 +356,9 @@ def _solve_phase(D: Dims, inp: PlanInputs, blk: int, b: int) -> Phase:
     solve = {"block weights": blk, **worst, "H_row": row_h}
     if inp.fp_targets:   # the weight is corrected before the solver runs: only what exceeds its workspace counts
         corr = max(2 * cc * cc * F32 + fp_target_workspace(r, cc) for r, cc in D.linear_shapes.values())
+        if inp.block_v_targets:   # V: per-head H and C, one head's correction at a time
+            r, cc = next((v for k, v in D.linear_shapes.items() if k.endswith("v_proj")), (D.Hkv * D.dh, D.d))
+            corr = max(corr, 2 * D.Hkv * cc * cc * F32 + fp_target_workspace(r // D.Hkv, cc) + r * cc * F32)
         solve["fp-target correction (beyond the solver's workspace)"] = max(0, corr - sum(worst.values()) - row_h)
     return Phase(PHASE_SOLVE, solve, f"largest: {worst_name}")
 
@@ -390,6 +396,8 @@ def _gflops(D: Dims, inp: PlanInputs) -> dict:
         # scores and A X over the causal half only, in row chunks of c: the mean query sees (L + c) / 2 keys
         seen = (L + block_v_row_chunk(L)) / 2
         out[PHASE_BLOCK_V] = (2 * tok * seen * D.H * (D.dh + D.d) + 2 * tok * D.H * D.d * D.d) / 1e9
+        if inp.block_v_targets:   # the fp stream's maps and A X, and the cross Grams
+            out[PHASE_BLOCK_V] = (4 * tok * seen * D.H * (D.dh + D.d) + 4 * tok * D.H * D.d * D.d) / 1e9
     out[PHASE_OUT] = (qkv + attn + 2 * tok * HO * HO) / 1e9
     out[PHASE_MLP_IN] = (qkv + attn + o + 2 * tok * D.d * D.d) / 1e9
     if inp.mlp_row_group:   # the MLP-input layers' outputs and the block-diagonal gain Grams
@@ -505,6 +513,8 @@ def host_hessians_by_phase(D: Dims, inp: PlanInputs) -> dict:
         return {}
     qkv = D.d * D.d * F32
     v = D.Hkv * D.d * D.d * F32 if inp.method == "boa" and inp.block_v else 0
+    if inp.block_v_targets:   # and V's per-head C
+        v *= 2
     o, mlp_in, mlp_out = (D.H * D.dh) ** 2 * F32, D.d * D.d * F32, D.I * D.I * F32
     if inp.mlp_row_group:    # E[m m^T] (then the row Hessian) of each MLP-input layer, row blocks only
         mlp_in += D.n_mlp_in * D.I * inp.mlp_row_group * F32

@@ -45,17 +45,8 @@ from __future__ import annotations
 import torch
 
 
-def fp_target_weight(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, percdamp: float = 0.01,
-                     alpha: float = 1.0, max_shift: float | None = None, info: dict | None = None) -> torch.Tensor:
-    """``W + alpha W (C - H) (H + lam I)^{-1}`` in float32 (or float64) (``W``: ``(R, D)``; ``H``, ``C``: ``(D, D)``).
-
-    ``H`` and ``C`` are not modified. Dead input channels (zero diagonal of ``H``) get a unit
-    diagonal as in the solvers; their column of ``C - H`` is zero, so they keep ``W``'s column.
-    ``max_shift``: if given, ``alpha`` is scaled down so that ``||W' - W||_F <= max_shift ||W||_F``
-    (module docstring). ``info``, if given, receives ``fp_shift`` (``||alpha Z|| / ||W||`` before the
-    bound) and ``fp_alpha_applied``. Returns the corrected weight in ``W``'s dtype.
-    """
-    f = torch.promote_types(W.dtype, torch.float32)     # float32 (float64 stays float64)
+def _correction(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, percdamp: float, f: torch.dtype) -> torch.Tensor:
+    """``W (C - H) (H + lam I)^{-1}`` in ``f``, as ``(D, R)`` (its transpose)."""
     Hd = H.to(f).clone()
     diag = torch.diagonal(Hd)
     diag[diag == 0] = 1.0
@@ -64,9 +55,33 @@ def fp_target_weight(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, percdamp
     rhs = (W.to(f) @ D).T                       # (D, R): solve Hd^T Z = (W D)^T, Hd symmetric
     L, failed = torch.linalg.cholesky_ex(Hd)
     if int(failed) == 0:
-        Z = torch.cholesky_solve(rhs, L)
-    else:                                         # not positive definite in float32: least squares
-        Z = torch.linalg.lstsq(Hd, rhs).solution
+        return torch.cholesky_solve(rhs, L)
+    return torch.linalg.lstsq(Hd, rhs).solution   # not positive definite in float32: least squares
+
+
+def fp_target_weight(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, percdamp: float = 0.01,
+                     alpha: float = 1.0, max_shift: float | None = None, info: dict | None = None) -> torch.Tensor:
+    """``W + alpha W (C - H) (H + lam I)^{-1}`` in float32 (or float64) (``W``: ``(R, D)``; ``H``, ``C``: ``(D, D)``).
+
+    ``H`` and ``C`` are not modified. Dead input channels (zero diagonal of ``H``) get a unit
+    diagonal as in the solvers; their column of ``C - H`` is zero, so they keep ``W``'s column.
+    Per head (``H``, ``C``: ``(n, D, D)``, V under block_v with ``--block-v-targets``): ``W``'s rows are
+    ``n`` equal heads, head ``j`` corrected with ``H[j]``, ``C[j]`` (each head's own objective).
+    ``max_shift``: if given, ``alpha`` is scaled down so that ``||W' - W||_F <= max_shift ||W||_F``
+    (module docstring; one ``alpha`` for all heads). ``info``, if given, receives ``fp_shift``
+    (``||alpha Z|| / ||W||`` before the bound) and ``fp_alpha_applied``. Returns the corrected weight
+    in ``W``'s dtype.
+    """
+    f = torch.promote_types(W.dtype, torch.float32)     # float32 (float64 stays float64)
+    if H.dim() == 2:
+        Z = _correction(W, H, C, percdamp, f)
+    else:
+        n = H.shape[0]
+        if W.shape[0] % n or C.shape != H.shape:
+            raise ValueError(f"per-head fp targets: {W.shape[0]} rows in {n} heads, C {tuple(C.shape)} "
+                             f"for H {tuple(H.shape)}")
+        r = W.shape[0] // n
+        Z = torch.cat([_correction(W[j * r:(j + 1) * r], H[j], C[j], percdamp, f) for j in range(n)], dim=1)
     Wf = W.to(f)
     w_norm = float(torch.linalg.matrix_norm(Wf))
     shift = alpha * float(torch.linalg.matrix_norm(Z)) / w_norm if w_norm > 0 else 0.0

@@ -109,6 +109,24 @@ def block_v_row_chunk(L: int) -> int:
     return min(L, max(64, -(-L // 8)))
 
 
+def _block_v_rows(x: torch.Tensor, states: AttentionStates, n_rep: int, heads: range, row_chunk: int | None):
+    """The rows ``Y = A_h X`` of the query heads ``heads``, ``row_chunk`` query positions at a time,
+    each against only the keys it can see; yields ``(n_kv_in_range, B * n_rep * rows, d)`` float32."""
+    if heads.start % n_rep or heads.stop % n_rep:
+        raise ValueError("block_v head chunks must cover whole KV-head groups")
+    xf = x.float()
+    kv_idx = torch.arange(heads.start, heads.stop, device=x.device) // n_rep
+    q, k = states.q[:, heads.start:heads.stop].float(), states.k[:, kv_idx].float()
+    B, g, L, _ = q.shape
+    d = xf.shape[-1]
+    c = row_chunk or block_v_row_chunk(L)
+    for s in range(0, L, c):
+        e = min(L, s + c)
+        A = causal_attention_probs(q[:, :, s:e], k[:, :, :e], states.scaling, first=s)   # (B, g, e-s, e)
+        Y = torch.matmul(A, xf[:, None, :e])                                               # (B, g, e-s, d)
+        yield Y.reshape(B, g // n_rep, n_rep, e - s, d).transpose(0, 1).reshape(g // n_rep, -1, d)
+
+
 def block_v_grams(x: torch.Tensor, states: AttentionStates, n_rep: int, heads: range,
                   row_chunk: int | None = None) -> torch.Tensor:
     """Partial ``sum X A_h^T A_h X^T`` for the query heads ``heads`` (a range), summed per KV head.
@@ -121,22 +139,25 @@ def block_v_grams(x: torch.Tensor, states: AttentionStates, n_rep: int, heads: r
     halves the scores and the ``A X`` products (the ``Y^T Y`` Grams are the same either way), and
     only ``row_chunk`` rows of ``len(heads)`` attention maps are held at once.
     """
-    if heads.start % n_rep or heads.stop % n_rep:
-        raise ValueError("block_v head chunks must cover whole KV-head groups")
-    xf = x.float()
-    kv_idx = torch.arange(heads.start, heads.stop, device=x.device) // n_rep
-    q, k = states.q[:, heads.start:heads.stop].float(), states.k[:, kv_idx].float()
-    B, g, L, _ = q.shape
-    d = xf.shape[-1]
-    c = row_chunk or block_v_row_chunk(L)
-    out = torch.zeros(g // n_rep, d, d, dtype=torch.float32, device=x.device)
-    for s in range(0, L, c):
-        e = min(L, s + c)
-        A = causal_attention_probs(q[:, :, s:e], k[:, :, :e], states.scaling, first=s)   # (B, g, e-s, e)
-        Y = torch.matmul(A, xf[:, None, :e])                                               # (B, g, e-s, d)
-        Y = Y.reshape(B, g // n_rep, n_rep, e - s, d).transpose(0, 1).reshape(g // n_rep, -1, d)
-        out += Y.transpose(1, 2) @ Y
+    out = None
+    for Y in _block_v_rows(x, states, n_rep, heads, row_chunk):
+        out = Y.transpose(1, 2) @ Y if out is None else out + Y.transpose(1, 2) @ Y
     return out
+
+
+def block_v_cross_grams(x: torch.Tensor, states: AttentionStates, x_fp: torch.Tensor, states_fp: AttentionStates,
+                        n_rep: int, heads: range, row_chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``block_v_grams`` of the quantized model's stream and, with ``--fp-targets``, its cross statistics
+    against the full-precision model's: ``(sum Y_h^T Y_h, sum Y_fp,h^T Y_h)`` per KV head, where
+    ``Y_h = A_h X`` on the quantized stream and ``Y_fp,h = A_fp,h X_fp`` with the fp stream's own
+    attention maps -- the ``H`` and ``C`` of V's attention-weighted target
+    ``sum_h ||W X_fp A_fp,h^T - Q X A_h^T||^2`` (``cross_gram`` per head, through attention)."""
+    H = C = None
+    for Y, Yf in zip(_block_v_rows(x, states, n_rep, heads, row_chunk),
+                     _block_v_rows(x_fp, states_fp, n_rep, heads, row_chunk)):
+        h, c = Y.transpose(1, 2) @ Y, Yf.transpose(1, 2) @ Y
+        H, C = (h, c) if H is None else (H + h, C + c)
+    return H, C
 
 
 def wout_row_hessian(W_o: torch.Tensor, n_heads: int, n_kv_heads: int, head_dim: int) -> torch.Tensor:
