@@ -169,6 +169,10 @@ VARIANTS = {
                        "--fp-max-shift", "1"],
     "boa-turbo-auto-cap": ["--method", "boa", "--fp-targets", "--fp-alpha", "0.25", "--follow-grids", "--refine-scales",
                            "1", "--joint-rows", "auto", "--grid-coarse", "8", "--fp-max-shift", "1"],
+    # BoA's default since block_v went off (decided at the paper's protocol): the guard, no block_v
+    "boa-turbo-auto-cap-nbv": ["--method", "boa", "--fp-targets", "--fp-alpha", "0.25", "--follow-grids",
+                               "--refine-scales", "1", "--joint-rows", "auto", "--grid-coarse", "8", "--fp-max-shift",
+                               "1", "--no-block-v"],
     # --block-v-targets (V's fp target from its own attention-weighted cross statistics) on today's defaults
     "boa-turbo-bvt": ["--method", "boa", "--fp-targets", "--fp-alpha", "0.25", "--follow-grids", "--refine-scales",
                       "1", "--joint-rows", "auto", "--grid-coarse", "8", "--block-v-targets"],
@@ -181,7 +185,8 @@ STUDIES = {
     # issue 16's protocol matrix: RTN, llm-compressor's GPTQ, GPTQ before/after issue 17, the paper's BoA,
     # our BoA before issue 17 and today's default BoA (boa-turbo-auto)
     "paper": {"bits": ["2", "3", "3g128", "4g128"], "variants": ["rtn", "llmc-gptq", "gptq", "gptq-turbo", "boa",
-                                                                 "boa-default", "boa-turbo-auto"],
+                                                                 "boa-default", "boa-turbo-auto",
+                                                                 "boa-turbo-auto-cap-nbv"],
               "nsamples": [None]},
     "ab": {"bits": ["2"], "variants": ["gptq-seq", "gptq", "boa-seq", "boa", "boa-seq-novrow", "boa-novrow",
                                        "gptq-seq-damp03", "boa-seq-damp03", "gptq-seq-damp10", "boa-seq-damp10"],
@@ -202,7 +207,8 @@ STUDIES = {
     "defaults2": {"bits": ["2"], "variants": ["boa-turbo-auto", "gptq-turbo", "boa-turbo-noblockv", "boa-turbo-nomlprow",
                                               "boa-turbo-search", "boa-turbo-damp03", "boa-turbo-damp10", "boa-turbo-g64",
                                               "boa-turbo-gfull", "gptq-turbo-rw", "boa-turbo-auto-rw",
-                                              "gptq-turbo-cap", "boa-turbo-auto-cap", "boa-turbo-bvt"],
+                                              "gptq-turbo-cap", "boa-turbo-auto-cap", "boa-turbo-bvt",
+                                              "boa-turbo-auto-cap-nbv"],
                   "nsamples": [None]},
     "damp": {"bits": ["2"], "variants": ["gptq", "boa", "gptq-damp03", "boa-damp03", "gptq-damp10", "boa-damp10"],
              "nsamples": [None]},
