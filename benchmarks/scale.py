@@ -45,10 +45,10 @@ DATA = REPO.parent / "shared" / "data"
 COMMON = ["--wbits", "2", "--nsamples", "8", "--seqlen", "2048", "--calib", "wikitext2", "--data-dir", str(DATA),
           "--device", "cpu", "--max-gpu-mem", "8GiB", "--max-cpu-mem", "6GiB", "--qparam", "minmax", "--no-progress"]
 RUNS = {   # label -> run_quant.py flags (besides --model/--output)
-    "boa": ["--method", "boa"],
+    "boa": ["--method", "boa", "--block-v"],      # block_v was the default when these runs were measured
     "gptq": ["--method", "gptq"],
     "boa-noblockv": ["--method", "boa", "--no-block-v"],
-    "boa-hessian-grid": ["--method", "boa", "--qparam", "hessian"],
+    "boa-hessian-grid": ["--method", "boa", "--qparam", "hessian", "--block-v"],
 }
 
 

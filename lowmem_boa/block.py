@@ -4,7 +4,7 @@ Layers are quantized in the adapter's groups:
 
 1. attention statistics (fp q/k/v weights): shared ``H_col = X X^T`` of q/k/v; for BoA the key
    and query Grams per KV head (row Hessians of W_Q / W_K, RoPE-averaged) and, with
-   ``block_v``, per-KV-head ``X A^T A X^T`` (attention maps computed a few heads and samples at
+   ``block_v`` (off by default), per-KV-head ``X A^T A X^T`` (attention maps computed a few heads and samples at
    a time) and the W_out row Hessian. q, k, v are then quantized (BoA: ``boa``; GPTQ: ``gptq``).
 2. out-projection -> ``gptq``; 3. MLP input -> fc1 / gate+up (BoA: with their row Hessians
    through the MLP output by default at <= 3 bits); 4. MLP hidden -> fc2 / down.
@@ -46,8 +46,8 @@ from .solvers import boa_quantize, gptq_quantize, rtn_quantize
 from .solvers.kquant import layer_type
 from .solvers.objective import attention_loss, layer_loss
 from .solvers.target import fp_target_weight
-from .stats import (attention_grams, block_v_cross_grams, block_v_grams, cross_gram, gain_grams, gram, mlp_row_hessian,
-                    qk_row_hessians, residual_token_weights, wout_row_hessian)
+from .stats import (attention_grams, block_v_cross_grams, block_v_grams, cross_gram, gain_grams, gram,
+                    mlp_row_hessian, qk_row_hessians, residual_token_weights, wout_row_hessian)
 
 
 @dataclass
@@ -88,10 +88,10 @@ class BlockQuantizer:
     def _workspace(self, name: str):
         return self.sch.workspace(f"workspace: {name}", workspace_bytes(self.plan.phase(name)))
 
-    def _pairs(self, store: ActivationStore, chunk: int):
-        """``(i0, i1, x, x_fp)`` chunks: the quantized model's block inputs and, with ``--fp-targets``,
-        the full-precision model's (``None`` otherwise)."""
-        if not self.qc.fp_targets:
+    def _pairs(self, store: ActivationStore, chunk: int, fp: bool | None = None):
+        """``(i0, i1, x, x_fp)`` chunks: the quantized model's block inputs and, with ``fp`` (default:
+        ``--fp-targets``), the full-precision model's (``None`` otherwise)."""
+        if not (self.qc.fp_targets if fp is None else fp):
             for i0, i1, x in self.sch.chunks(store.inputs, chunk):
                 yield i0, i1, x, None
             return
@@ -276,9 +276,7 @@ class BlockQuantizer:
                 acc = self.sch.device_zeros("block_v accumulator", (kv1 - kv0, h.hidden_size, h.hidden_size))
                 acc_c = self.sch.device_zeros("block_v cross accumulator", (kv1 - kv0, h.hidden_size, h.hidden_size)) \
                     if cross else None
-                chunks = self._pairs(store, self.plan.attn_chunk) if cross else \
-                    ((i0, i1, x, None) for i0, i1, x in self.sch.chunks(store.inputs, self.plan.attn_chunk))
-                for _, _, x, xf in chunks:
+                for _, _, x, xf in self._pairs(store, self.plan.attn_chunk, fp=cross):
                     xa = capture_input(block, self.adapter.q_proj, x, self.kwargs)
                     st = self.adapter.attention_states(block, xa, self.kwargs)
                     if cross:

@@ -94,7 +94,8 @@ def test_block_v_targets_are_planned():
 
 
 def _quant(model_dir, out, **kw):
-    qc = QuantConfig(model=str(model_dir), method="boa", wbits=2, nsamples=6, seqlen=48, fp_targets=True, **kw)
+    qc = QuantConfig(model=str(model_dir), method="boa", wbits=2, nsamples=6, seqlen=48, fp_targets=True,
+                     **{"block_v": True, **kw})
     ro = RunOptions(output=str(out), device="cpu", data_dir=DATA, progress=False)
     return quantize_model(qc, ro, Console(progress=False))
 

@@ -145,6 +145,34 @@ def test_options_added_later_keep_old_runs_resumable():
     assert "follow_grids" not in gptq and "joint_rows" not in gptq and "fp_alpha" not in gptq
 
 
+def test_block_v_default_changed_gptq_keys_kept_boa_runs_named_the_flag(tmp_path):
+    """block_v went off by default: GPTQ/RTN (which it does not act on) keep the key they had before; a BoA
+    run started under the old default is refused with the flag that resumes it, and resumes with it."""
+    import json as _json
+
+    from lowmem_boa.checkpoint.state import MANIFEST, STATE_DIR, RunState, StateError, config_key
+    from lowmem_boa.config import QuantConfig
+    assert QuantConfig(model="m").block_v is False
+    for method in ("gptq", "rtn"):
+        assert QuantConfig(model="m", method=method).state_dict() == \
+            QuantConfig(model="m", method=method, block_v=True).state_dict()
+        assert QuantConfig(model="m", method=method).state_dict()["block_v"] is True
+    old = QuantConfig(model="m", method="boa", block_v=True).state_dict()
+    new = QuantConfig(model="m", method="boa").state_dict()
+    assert old["block_v"] is True and new["block_v"] is False
+    state = tmp_path / "out" / STATE_DIR
+    state.mkdir(parents=True)
+    (state / MANIFEST).write_text(_json.dumps({"key": config_key(old), "config": old}))
+    with pytest.raises(StateError, match="differs in: block_v; the default of --block-v changed .* pass --block-v"):
+        RunState.check_output(tmp_path / "out", new, overwrite=False)
+    assert RunState.check_output(tmp_path / "out", old, overwrite=False) == "resume"
+    # a run started with --no-block-v under the old default: no hint (the flag was the user's)
+    (state / MANIFEST).write_text(_json.dumps({"key": config_key(new), "config": new}))
+    with pytest.raises(StateError) as e:
+        RunState.check_output(tmp_path / "out", old, overwrite=False)
+    assert "changed since" not in str(e.value) and "differs in: block_v" in str(e.value)
+
+
 def test_new_solver_options_refuse_bad_values_before_any_work():
     from lowmem_boa.config import QuantConfig
     for kw, flag in ((dict(fp_alpha=0.0), "--fp-alpha"), (dict(fp_alpha=1.5), "--fp-alpha"),

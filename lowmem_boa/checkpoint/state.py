@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from ..config import CHANGED_DEFAULTS
+
 FORMAT = "lowmem_boa-state/2"
 BLOCK_FORMAT = "compact/1"     # codes bit-packed, fake-quantized weights rebuilt on load
 STATE_DIR = "quant_state"
@@ -136,8 +138,12 @@ class RunState:
             if not overwrite:
                 diff = sorted(k for k in set(config) | set(old.get("config", {}))
                               if config.get(k) != old.get("config", {}).get(k))
+                was = old.get("config", {})
+                hint = "".join(f"; the default of {flag} changed since that run started: pass {flag} to resume it"
+                               for k, (before, flag) in CHANGED_DEFAULTS.items()
+                               if k in diff and was.get(k) == before and config.get(k) != before)
                 raise StateError(f"{output} holds a run with a different configuration (differs in: "
-                                 f"{', '.join(diff) or 'format'}); pass --overwrite to replace it or "
+                                 f"{', '.join(diff) or 'format'}{hint}); pass --overwrite to replace it or "
                                  "choose another --output")
             return "overwrite"
         if output.is_dir() and any(p.resolve() != state.resolve() for p in output.iterdir()):

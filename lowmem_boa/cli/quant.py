@@ -51,8 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--sym", action="store_true", help="symmetric grids (default asymmetric)")
     m.add_argument("--group-size", type=int, default=None, help="columns per grid (default: one grid per row)")
     m.add_argument("--qparam", choices=GRIDS, default="hessian", help="grid search (default hessian)")
-    m.add_argument("--block-v", dest="block_v", action=argparse.BooleanOptionalAction, default=True,
-                   help="BoA: per-head X A^T A X^T column Hessian for V (default on; off saves memory)")
+    m.add_argument("--block-v", dest="block_v", action=argparse.BooleanOptionalAction, default=False,
+                   help="BoA: per-head X A^T A X^T column Hessian for V (the paper's Table 1; default off: it lost "
+                   "to the shared X X^T at the paper's protocol on SmolLM2, docs/results.md; on costs the block's "
+                   "largest statistics phase)")
     m.add_argument("--act-order-col", action="store_true", help="quantize columns by decreasing diag(H_col)")
     m.add_argument("--act-order-row", action="store_true", help="BoA: quantize rows by decreasing diag(H_row)")
     m.add_argument("--search-orders", action="store_true",
@@ -227,8 +229,8 @@ def main(argv=None) -> int:
     except torch.cuda.OutOfMemoryError as e:
         console.error(f"the GPU ran out of memory inside the --max-gpu-mem cap ({e}). The plan is an estimate: "
                       "rerun the same command with a smaller --max-gpu-mem (smaller chunks); finished blocks are "
-                      "kept and the run resumes. (--no-block-v or fewer --nsamples also need less memory but "
-                      "change the configuration: they start a new run in another --output or with --overwrite.)")
+                      "kept and the run resumes. (Fewer --nsamples, or --no-block-v where --block-v is on, also need less "
+                      "memory but change the configuration: they start a new run in another --output or with --overwrite.)")
         return 1
     if ro.eval_ppl and not ro.plan_only:
         from ..eval.run import evaluate_perplexity
