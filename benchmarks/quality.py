@@ -169,10 +169,13 @@ VARIANTS = {
                        "--fp-max-shift", "1"],
     "boa-turbo-auto-cap": ["--method", "boa", "--fp-targets", "--fp-alpha", "0.25", "--follow-grids", "--refine-scales",
                            "1", "--joint-rows", "auto", "--grid-coarse", "8", "--fp-max-shift", "1"],
-    # BoA's default since block_v went off (decided at the paper's protocol): the guard, no block_v
-    "boa-turbo-auto-cap-nbv": ["--method", "boa", "--fp-targets", "--fp-alpha", "0.25", "--follow-grids",
-                               "--refine-scales", "1", "--joint-rows", "auto", "--grid-coarse", "8", "--fp-max-shift",
-                               "1", "--no-block-v"],
+    # BoA's default since block_v went off (decided at the paper's protocol): the guard, no block_v; and the
+    # defaults still open re-decided on top of it, one change each
+    **{f"boa-turbo-auto-cap-nbv{k}": ["--method", "boa", "--fp-targets", "--fp-alpha", "0.25", "--follow-grids",
+                                      "--refine-scales", "1", "--joint-rows", "auto", "--grid-coarse", "8",
+                                      "--fp-max-shift", "1", "--no-block-v", *extra]
+       for k, extra in {"": [], "-g64": ["--mlp-row-group", "64"], "-gfull": ["--mlp-row-group", "100000"],
+                        "-search": ["--search-orders"], "-nomlprow": ["--no-mlp-row-hessian"]}.items()},
     # --block-v-targets (V's fp target from its own attention-weighted cross statistics) on today's defaults
     "boa-turbo-bvt": ["--method", "boa", "--fp-targets", "--fp-alpha", "0.25", "--follow-grids", "--refine-scales",
                       "1", "--joint-rows", "auto", "--grid-coarse", "8", "--block-v-targets"],
@@ -214,7 +217,9 @@ STUDIES = {
                                               "boa-turbo-search", "boa-turbo-damp03", "boa-turbo-damp10", "boa-turbo-g64",
                                               "boa-turbo-gfull", "gptq-turbo-rw", "boa-turbo-auto-rw",
                                               "gptq-turbo-cap", "boa-turbo-auto-cap", "boa-turbo-bvt",
-                                              "boa-turbo-auto-cap-nbv"],
+                                              "boa-turbo-auto-cap-nbv", "boa-turbo-auto-cap-nbv-g64",
+                                              "boa-turbo-auto-cap-nbv-gfull", "boa-turbo-auto-cap-nbv-search",
+                                              "boa-turbo-auto-cap-nbv-nomlprow"],
                   "nsamples": [None]},
     "damp": {"bits": ["2"], "variants": ["gptq", "boa", "gptq-damp03", "boa-damp03", "gptq-damp10", "boa-damp10"],
              "nsamples": [None]},
