@@ -58,7 +58,8 @@ class PlanInputs:
     nsamples: int
     seqlen: int
     dtype_bytes: int
-    block_v: bool = True
+    block_v: bool = True           # the pipeline passes QuantConfig.block_v (off by default); True here: the
+                                   # planner's own tests and benchmarks plan the largest BoA configuration
     group_size: int | None = None
     device_type: str = "cuda"
     true_sequential: bool = False  # False: all of a block's Hessians are held at once
