@@ -183,7 +183,7 @@ VARIANTS = {
 }
 # block_v was on by default until the paper's protocol turned it off (docs/results.md, "block_v at the paper's
 # protocol"): every BoA variant that relied on that default says --block-v, so its name keeps the meaning of its
-# rows; "boa-turbo-auto-cap-nbv" is the default since
+# rows; "boa-turbo-auto-cap-nbv" is BoA's default since that change
 for _flags in VARIANTS.values():
     if _flags and _flags[:2] == ["--method", "boa"] and not {"--block-v", "--no-block-v"} & set(_flags):
         _flags.append("--block-v")
@@ -192,7 +192,8 @@ STUDIES = {
     "main": {"bits": ["2", "3", "4"], "variants": ["rtn", "gptq-minmax", "llmc-gptq", "gptq", "boa", "boa-noblockv",
                                                    "boa-mlprow"], "nsamples": [None]},
     # issue 16's protocol matrix: RTN, llm-compressor's GPTQ, GPTQ before/after issue 17, the paper's BoA,
-    # our BoA before issue 17 and today's default BoA (boa-turbo-auto)
+    # our BoA before issue 17, the default BoA with block_v (boa-turbo-auto) and without it (boa-turbo-auto-cap-nbv,
+    # today's default)
     "paper": {"bits": ["2", "3", "3g128", "4g128"], "variants": ["rtn", "llmc-gptq", "gptq", "gptq-turbo", "boa",
                                                                  "boa-default", "boa-turbo-auto",
                                                                  "boa-turbo-auto-cap-nbv"],

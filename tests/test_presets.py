@@ -1,7 +1,6 @@
 """The presets in configs/*.yaml: each parses into a valid configuration; the paper's BoA preset is the
 configuration of the benchmark's ``boa`` rows; a bad preset is refused before any work."""
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,8 +16,8 @@ def test_every_preset_parses_and_validates(preset):
     qc.validate()
 
 
-def test_boa_paper_preset_is_the_benchmarks_paper_boa():
-    sys.path.insert(0, str(REPO / "benchmarks"))
+def test_boa_paper_preset_is_the_benchmarks_paper_boa(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     import quality
     preset, _ = parse(["--model", "m", "--config", str(REPO / "configs" / "boa-paper.yaml")])
     rows, _ = parse(["--model", "m", *quality.OLD_SOLVER, *quality.VARIANTS["boa"]])
