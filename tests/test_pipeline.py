@@ -45,7 +45,9 @@ def _levels_ok(W, bits, group_size=None):
 def test_every_family_quantizes_and_loads(tiny_dirs, tmp_path, family, method):
     from transformers import AutoModelForCausalLM
     out = tmp_path / "out"
-    report = _run(tiny_dirs[family], out, method=method, wbits=3, act_order_col=True, act_order_row=True)
+    # BoA with block_v (off by default, tested on by default before): every family's attention maps
+    report = _run(tiny_dirs[family], out, method=method, wbits=3, act_order_col=True, act_order_row=True,
+                  block_v=method == "boa")
     q = AutoModelForCausalLM.from_pretrained(out)
     fp = AutoModelForCausalLM.from_pretrained(tiny_dirs[family])
     qs, fs = q.state_dict(), fp.state_dict()
@@ -77,9 +79,9 @@ def test_rtn_needs_no_calibration(tiny_dirs, tmp_path):
     assert report["plan"]["phases"].keys() == {"embed (first block inputs)", "solve (per layer)"}
 
 
-def _budget_for_chunk(model_dir, nsamples, seqlen, max_chunk):
+def _budget_for_chunk(model_dir, nsamples, seqlen, max_chunk, **kw):
     """The largest device budget (searched downward) whose plan uses chunks of at most ``max_chunk``."""
-    qc = QuantConfig(model=str(model_dir), nsamples=nsamples, seqlen=seqlen)
+    qc = QuantConfig(model=str(model_dir), nsamples=nsamples, seqlen=seqlen, **kw)
     budget = 64 * 2 ** 20
     while budget > 2 ** 16:
         try:
@@ -93,10 +95,12 @@ def _budget_for_chunk(model_dir, nsamples, seqlen, max_chunk):
     raise AssertionError("no budget gives small chunks")
 
 
-def test_budget_is_respected_and_chunks_shrink(tiny_dirs, tmp_path):
-    big = _run(tiny_dirs["llama"], tmp_path / "big", nsamples=8, seqlen=128)
-    budget = _budget_for_chunk(tiny_dirs["llama"], 8, 128, max_chunk=2)
-    small = _run(tiny_dirs["llama"], tmp_path / "small", nsamples=8, seqlen=128, budget=str(budget))
+@pytest.mark.parametrize("block_v", [False, True])
+def test_budget_is_respected_and_chunks_shrink(tiny_dirs, tmp_path, block_v):
+    big = _run(tiny_dirs["llama"], tmp_path / "big", nsamples=8, seqlen=128, block_v=block_v)
+    budget = _budget_for_chunk(tiny_dirs["llama"], 8, 128, max_chunk=2, block_v=block_v)
+    small = _run(tiny_dirs["llama"], tmp_path / "small", nsamples=8, seqlen=128, budget=str(budget), block_v=block_v)
+    assert ("block_v statistics" in small["memory"]["phases"]) == block_v
     assert small["plan"]["chunk"] <= 2 < big["plan"]["chunk"]
     assert small["memory"]["ledger_peak_bytes"] <= budget
     for phase in small["memory"]["phases"].values():
