@@ -53,6 +53,7 @@ def joint_rows_for(rows_per_head: int, joint_rows: int | None) -> int:
 # stories260K (docs/results.md, chosen on its validation text) they lowered 2- and 3-bit perplexity
 # below the paper's BoA and GPTQ, and raised it at 4 bits.
 MLP_ROW_MAX_BITS = 3
+BLOCK_V_MIN_BITS = 3   # block_v's default: on from this many bits (SmolLM2: off won at 2 bits, on at 3)
 
 
 @dataclass
@@ -63,8 +64,9 @@ class QuantConfig:
     sym: bool = False
     group_size: int | None = None
     qparam: str = "hessian"
-    block_v: bool = False           # BoA: V's per-head attention-weighted column Hessian (the paper's Table 1);
-                                    # off by default since it lost at the paper's protocol (docs/results.md)
+    block_v: bool | None = None     # BoA: V's per-head attention-weighted column Hessian (the paper's Table 1);
+                                    # None: off at 2 bits, on from BLOCK_V_MIN_BITS (SmolLM2, docs/results.md),
+                                    # resolved by the pipeline
     act_order_col: bool = False
     act_order_row: bool = False
     search_orders: bool = False
@@ -166,7 +168,7 @@ class QuantConfig:
         if self.fp_targets and self.true_sequential:
             raise ValueError("--fp-targets fits one-pass statistics; it cannot be combined with --true-sequential")
         if self.block_v_targets:
-            off = [why for why, bad in (("--method boa", self.method != "boa"), ("--block-v", not self.block_v),
+            off = [why for why, bad in (("--method boa", self.method != "boa"), ("--block-v", not (self.wbits >= BLOCK_V_MIN_BITS if self.block_v is None else self.block_v)),
                                         ("--fp-targets", self.fp_targets is False or self.true_sequential)) if bad]
             if off:
                 raise ValueError("--block-v-targets corrects V's fp target under block_v: it needs "
@@ -234,7 +236,7 @@ class QuantConfig:
 
 # option -> (its default before, the flag that restores it): a run started before the default changed is keyed
 # with the old value; resuming it without the flag names the flag (checkpoint.state)
-CHANGED_DEFAULTS = {"block_v": (True, "--block-v")}
+CHANGED_DEFAULTS = {"block_v": (True, "--block-v")}     # off at 2 bits since then
 
 # option -> the value that reproduces the code before it existed (see QuantConfig.state_dict)
 ADDED_LATER = {"mlp_row_damp": 0.0, "fp_alpha": 1.0, "follow_grids": False, "refine_scales": 0, "joint_rows": 1,

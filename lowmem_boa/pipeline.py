@@ -26,7 +26,7 @@ import torch
 from . import __version__
 from .block import BlockQuantizer
 from .checkpoint import RunState, atomic_write_bytes, export_fake_quant
-from .config import DEFAULT_NSAMPLES, FP_TARGETS_DEFAULT, MLP_ROW_MAX_BITS, QuantConfig, RunOptions
+from .config import BLOCK_V_MIN_BITS, DEFAULT_NSAMPLES, FP_TARGETS_DEFAULT, MLP_ROW_MAX_BITS, QuantConfig, RunOptions
 from .data import calibration_windows, file_source, load_source, local_files
 from .forward import first_block_inputs
 from .models import get_adapter
@@ -121,6 +121,12 @@ def prepare_run(qc: QuantConfig, ro: RunOptions, console: Console | None = None)
             notes.append(f"BoA: MLP-input layers {'with' if qc.mlp_row_hessian else 'without'} their row Hessian at "
                          f"{qc.wbits} bits (default: with up to {MLP_ROW_MAX_BITS} bits; --mlp-row-hessian / "
                          "--no-mlp-row-hessian to choose)")
+    if qc.block_v is None:
+        qc.block_v = qc.method == "boa" and qc.wbits >= BLOCK_V_MIN_BITS
+        if qc.method == "boa":
+            notes.append(f"BoA: V {'with' if qc.block_v else 'without'} its per-head attention-weighted column "
+                         f"Hessian (block_v) at {qc.wbits} bits (default: from {BLOCK_V_MIN_BITS} bits; --block-v / "
+                         "--no-block-v to choose)")
     if qc.fp_targets is None:
         qc.fp_targets = FP_TARGETS_DEFAULT and qc.method != "rtn" and not qc.true_sequential
         if qc.method != "rtn":

@@ -152,13 +152,13 @@ def test_block_v_default_changed_gptq_keys_kept_boa_runs_named_the_flag(tmp_path
 
     from lowmem_boa.checkpoint.state import MANIFEST, STATE_DIR, RunState, StateError, config_key
     from lowmem_boa.config import QuantConfig
-    assert QuantConfig(model="m").block_v is False
+    assert QuantConfig(model="m").block_v is None     # resolved by the pipeline: off at 2 bits, on from 3
     for method in ("gptq", "rtn"):
         assert QuantConfig(model="m", method=method).state_dict() == \
             QuantConfig(model="m", method=method, block_v=True).state_dict()
         assert QuantConfig(model="m", method=method).state_dict()["block_v"] is True
     old = QuantConfig(model="m", method="boa", block_v=True).state_dict()
-    new = QuantConfig(model="m", method="boa").state_dict()
+    new = QuantConfig(model="m", method="boa", block_v=False).state_dict()     # the 2-bit default, resolved
     assert old["block_v"] is True and new["block_v"] is False
     state = tmp_path / "out" / STATE_DIR
     state.mkdir(parents=True)

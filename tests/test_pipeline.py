@@ -121,16 +121,18 @@ def test_budget_below_one_block_is_refused_before_work(tiny_dirs, tmp_path):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("block_v", [None, True])
-def test_plan_only_needs_no_weights_and_names_terms(block_v):
-    kw = {} if block_v is None else {"block_v": block_v}   # None: the default (off)
-    qc = QuantConfig(model=str(REPO / "configs" / "llama-2-7b.json"), nsamples=128, seqlen=4096, **kw)
+@pytest.mark.parametrize("block_v,wbits", [(None, 2), (None, 3), (None, 4), (True, 2), (False, 3)])
+def test_plan_only_needs_no_weights_and_names_terms(block_v, wbits):
+    kw = {} if block_v is None else {"block_v": block_v}   # None: the default (off at 2 bits, on from 3)
+    qc = QuantConfig(model=str(REPO / "configs" / "llama-2-7b.json"), nsamples=128, seqlen=4096, wbits=wbits, **kw)
     # a stated host budget: the default follows this machine's free RAM, which other jobs change
     prep = prepare_run(qc, RunOptions(plan_only=True, device="cpu", max_gpu_mem="14GiB", max_cpu_mem="16GiB",
                                       progress=False))
     assert prep.qc.seqlen == 4096
     assert prep.plan.peak <= 14 * 2 ** 30 * 0.9
-    assert ("block_v statistics" in [p.name for p in prep.plan.phases]) == bool(block_v)
+    on = wbits >= 3 if block_v is None else block_v
+    assert prep.qc.block_v is on
+    assert ("block_v statistics" in [p.name for p in prep.plan.phases]) == on
 
 
 def _cli(*args, **env):

@@ -51,10 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--sym", action="store_true", help="symmetric grids (default asymmetric)")
     m.add_argument("--group-size", type=int, default=None, help="columns per grid (default: one grid per row)")
     m.add_argument("--qparam", choices=GRIDS, default="hessian", help="grid search (default hessian)")
-    m.add_argument("--block-v", dest="block_v", action=argparse.BooleanOptionalAction, default=False,
-                   help="BoA: per-head X A^T A X^T column Hessian for V (the paper's Table 1; default off: it lost "
-                   "to the shared X X^T at the paper's protocol on SmolLM2, docs/results.md; on costs the block's "
-                   "largest statistics phase)")
+    m.add_argument("--block-v", dest="block_v", action=argparse.BooleanOptionalAction, default=None,
+                   help="BoA: per-head X A^T A X^T column Hessian for V (the paper's Table 1; default: off at 2 bits, "
+                   "where it lost to the shared X X^T on SmolLM2, on from 3 bits, where it won; docs/results.md; "
+                   "on costs the block's largest statistics phase)")
     m.add_argument("--act-order-col", action="store_true", help="quantize columns by decreasing diag(H_col)")
     m.add_argument("--act-order-row", action="store_true", help="BoA: quantize rows by decreasing diag(H_row)")
     m.add_argument("--search-orders", action="store_true",
