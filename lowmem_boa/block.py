@@ -4,7 +4,7 @@ Layers are quantized in the adapter's groups:
 
 1. attention statistics (fp q/k/v weights): shared ``H_col = X X^T`` of q/k/v; for BoA the key
    and query Grams per KV head (row Hessians of W_Q / W_K, RoPE-averaged) and, with
-   ``block_v`` (off by default), per-KV-head ``X A^T A X^T`` (attention maps computed a few heads and samples at
+   ``block_v`` (default: off at 2 bits), per-KV-head ``X A^T A X^T`` (attention maps computed a few heads and samples at
    a time) and the W_out row Hessian. q, k, v are then quantized (BoA: ``boa``; GPTQ: ``gptq``).
 2. out-projection -> ``gptq``; 3. MLP input -> fc1 / gate+up (BoA: with their row Hessians
    through the MLP output by default at <= 3 bits); 4. MLP hidden -> fc2 / down.

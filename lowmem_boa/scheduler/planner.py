@@ -58,7 +58,7 @@ class PlanInputs:
     nsamples: int
     seqlen: int
     dtype_bytes: int
-    block_v: bool = True           # the pipeline passes QuantConfig.block_v (off by default); True here: the
+    block_v: bool = True           # the pipeline passes QuantConfig.block_v (off at 2 bits); True here: the
                                    # planner's own tests and benchmarks plan the largest BoA configuration
     group_size: int | None = None
     device_type: str = "cuda"
