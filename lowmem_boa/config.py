@@ -168,7 +168,8 @@ class QuantConfig:
         if self.fp_targets and self.true_sequential:
             raise ValueError("--fp-targets fits one-pass statistics; it cannot be combined with --true-sequential")
         if self.block_v_targets:
-            off = [why for why, bad in (("--method boa", self.method != "boa"), ("--block-v", not (self.wbits >= BLOCK_V_MIN_BITS if self.block_v is None else self.block_v)),
+            block_v = self.default_block_v() if self.block_v is None else self.block_v
+            off = [why for why, bad in (("--method boa", self.method != "boa"), ("--block-v", not block_v),
                                         ("--fp-targets", self.fp_targets is False or self.true_sequential)) if bad]
             if off:
                 raise ValueError("--block-v-targets corrects V's fp target under block_v: it needs "
@@ -205,6 +206,14 @@ class QuantConfig:
                                  f"got {self.kquant_embedding!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+
+    def default_mlp_row_hessian(self) -> bool:
+        """``mlp_row_hessian`` when the flag is not given: BoA up to MLP_ROW_MAX_BITS."""
+        return self.method == "boa" and self.wbits <= MLP_ROW_MAX_BITS
+
+    def default_block_v(self) -> bool:
+        """``block_v`` when the flag is not given: BoA from BLOCK_V_MIN_BITS."""
+        return self.method == "boa" and self.wbits >= BLOCK_V_MIN_BITS
 
     @property
     def uses_calibration(self) -> bool:

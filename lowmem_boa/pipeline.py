@@ -116,13 +116,13 @@ def prepare_run(qc: QuantConfig, ro: RunOptions, console: Console | None = None)
         notes.append(f"--seqlen {qc.seqlen} capped to the model's {adapter.max_positions} positions")
         qc.seqlen = adapter.max_positions
     if qc.mlp_row_hessian is None:
-        qc.mlp_row_hessian = qc.method == "boa" and qc.wbits <= MLP_ROW_MAX_BITS
+        qc.mlp_row_hessian = qc.default_mlp_row_hessian()
         if qc.method == "boa":
             notes.append(f"BoA: MLP-input layers {'with' if qc.mlp_row_hessian else 'without'} their row Hessian at "
                          f"{qc.wbits} bits (default: with up to {MLP_ROW_MAX_BITS} bits; --mlp-row-hessian / "
                          "--no-mlp-row-hessian to choose)")
     if qc.block_v is None:
-        qc.block_v = qc.method == "boa" and qc.wbits >= BLOCK_V_MIN_BITS
+        qc.block_v = qc.default_block_v()
         if qc.method == "boa":
             notes.append(f"BoA: V {'with' if qc.block_v else 'without'} its per-head attention-weighted column "
                          f"Hessian (block_v) at {qc.wbits} bits (default: from {BLOCK_V_MIN_BITS} bits; --block-v / "

@@ -201,3 +201,26 @@ def test_mlp_rows_default_on_up_to_three_bits_and_says_so():
         assert (prep.plan.inputs.mlp_row_group == 86) is expect     # 172 rows: groups of 86
     qc = QuantConfig(model=model, method="boa", wbits=4, mlp_row_hessian=True)
     assert prepare_run(qc, RunOptions(device="cpu", plan_only=True, progress=False)).plan.inputs.mlp_row_group == 86
+
+
+@needs_shared
+def test_block_v_default_is_one_rule_for_the_pipeline_and_for_block_v_targets():
+    """The pipeline resolves ``block_v`` with ``QuantConfig.default_block_v``, and ``--block-v-targets``
+    without ``--block-v`` is accepted exactly where that default turns block_v on."""
+    from lowmem_boa.config import BLOCK_V_MIN_BITS, QuantConfig, RunOptions
+    from lowmem_boa.pipeline import prepare_run
+    from tiny_models import SHARED
+    model = str(SHARED / "models" / "stories260K")
+    for method, bits in (("boa", 2), ("boa", BLOCK_V_MIN_BITS), ("boa", 4), ("gptq", 3)):
+        expect = method == "boa" and bits >= BLOCK_V_MIN_BITS
+        assert QuantConfig(model=model, method=method, wbits=bits).default_block_v() is expect
+        qc = QuantConfig(model=model, method=method, wbits=bits)
+        prepare_run(qc, RunOptions(device="cpu", plan_only=True, progress=False))
+        assert qc.block_v is expect, (method, bits)
+        targets = QuantConfig(model=model, method=method, wbits=bits, block_v_targets=True)
+        if expect:
+            targets.validate()
+        else:
+            with pytest.raises(ValueError, match="--block-v-targets") as err:
+                targets.validate()
+            assert "--block-v" in str(err.value).split("needs", 1)[1]
