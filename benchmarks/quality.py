@@ -174,8 +174,10 @@ VARIANTS = {
     **{f"boa-turbo-auto-cap-nbv{k}": ["--method", "boa", "--fp-targets", "--fp-alpha", "0.25", "--follow-grids",
                                       "--refine-scales", "1", "--joint-rows", "auto", "--grid-coarse", "8",
                                       "--fp-max-shift", "1", "--no-block-v", *extra]
-       for k, extra in {"": [], "-g64": ["--mlp-row-group", "64"], "-gfull": ["--mlp-row-group", "100000"],
-                        "-search": ["--search-orders"], "-nomlprow": ["--no-mlp-row-hessian"]}.items()},
+       for k, extra in {"": [], "-g64": ["--mlp-row-group", "64"], "-g512": ["--mlp-row-group", "512"],
+                        "-gfull": ["--mlp-row-group", "100000"],
+                        "-search": ["--search-orders"], "-nomlprow": ["--no-mlp-row-hessian"],
+                        "-rw": ["--residual-weights"]}.items()},
     # --block-v-targets (V's fp target from its own attention-weighted cross statistics) on today's defaults
     "boa-turbo-bvt": ["--method", "boa", "--fp-targets", "--fp-alpha", "0.25", "--follow-grids", "--refine-scales",
                       "1", "--joint-rows", "auto", "--grid-coarse", "8", "--block-v-targets"],
@@ -220,7 +222,8 @@ STUDIES = {
                                               "gptq-turbo-cap", "boa-turbo-auto-cap", "boa-turbo-bvt",
                                               "boa-turbo-auto-cap-nbv", "boa-turbo-auto-cap-nbv-g64",
                                               "boa-turbo-auto-cap-nbv-gfull", "boa-turbo-auto-cap-nbv-search",
-                                              "boa-turbo-auto-cap-nbv-nomlprow"],
+                                              "boa-turbo-auto-cap-nbv-nomlprow", "boa-turbo-auto-cap-nbv-rw",
+                                              "boa-turbo-auto-cap-nbv-g512"],
                   "nsamples": [None]},
     "damp": {"bits": ["2"], "variants": ["gptq", "boa", "gptq-damp03", "boa-damp03", "gptq-damp10", "boa-damp10"],
              "nsamples": [None]},
