@@ -67,6 +67,11 @@ def main(argv=None):
     ap.add_argument("--step-us", type=float, default=20.0)
     ap.add_argument("--joint-rows", type=int, default=16, help="the 'fast' column: BoA rows per sweep")
     ap.add_argument("--grid-coarse", type=int, default=8, help="the 'fast' column: coarse-to-fine grid search")
+    ap.add_argument("--mlp-row-group", type=int, default=None,
+                    help="BoA's MLP row groups of at most this many rows (default: the product's default)")
+    ap.add_argument("--cpu-peak", type=float, default=None,
+                    help="this CPU's float32 matmul peak in GFLOP/s, e.g. a previous projection.json's "
+                         "cpu_peak_gflops (default: measured now; needs the machine idle)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "projection.json")
     args = ap.parse_args(argv)
     from lowmem_boa.config import QuantConfig
@@ -74,7 +79,7 @@ def main(argv=None):
     from lowmem_boa.scheduler import PlanInputs, load_config, make_plan
     from lowmem_boa.stats import mlp_row_group
     adapter = get_adapter(load_config(str(REPO / "configs" / "llama-2-7b.json")))
-    group = mlp_row_group(adapter.intermediate_size, QuantConfig(model="").mlp_row_group)
+    group = mlp_row_group(adapter.intermediate_size, args.mlp_row_group or QuantConfig(model="").mlp_row_group)
 
     def plan_gflop(rows, coarse=1, turbo=False, block_v=True):
         return make_plan(adapter, PlanInputs(method="boa", calibration=True, nsamples=128, seqlen=2048,
@@ -84,7 +89,7 @@ def main(argv=None):
                          14 * 2 ** 30, 24 * 2 ** 30).gflop_per_block
 
     run = json.loads(args.scale.read_text())["runs"][args.run]
-    peak = cpu_peak()
+    peak = args.cpu_peak or cpu_peak()
     eff = {}
     for r in run["phases"]:       # the last block measured of each phase (block 2 has no tokenization/first-touch)
         if r["gflop_per_s"]:
