@@ -81,11 +81,11 @@ def main(argv=None):
     adapter = get_adapter(load_config(str(REPO / "configs" / "llama-2-7b.json")))
     group = mlp_row_group(adapter.intermediate_size, args.mlp_row_group or QuantConfig(model="").mlp_row_group)
 
-    def plan_gflop(rows, coarse=1, turbo=False, block_v=True):
+    def plan_gflop(rows, coarse=1, turbo=False, block_v=True, search=False):
         return make_plan(adapter, PlanInputs(method="boa", calibration=True, nsamples=128, seqlen=2048,
                                              dtype_bytes=2, qparam="hessian", mlp_row_group=rows,
                                              grid_coarse=coarse, fp_targets=turbo, refine_scales=int(turbo),
-                                             block_v=block_v),
+                                             block_v=block_v, search_orders=search),
                          14 * 2 ** 30, 24 * 2 ** 30).gflop_per_block
 
     run = json.loads(args.scale.read_text())["runs"][args.run]
@@ -105,11 +105,12 @@ def main(argv=None):
     eff[SOLVE] = grid_flop / row["boa_s"] / 1e9 / peak
     h = adapter.heads
 
-    def steps(rows, joint=1):
+    def steps(rows, joint=1, search=False):   # with --search-orders every try sweeps again
         sweeps = -(-h.head_dim // joint)
         per_row = {adapter.q_proj: sweeps, adapter.k_proj: sweeps, adapter.v_proj: sweeps,
                    **({n: -(-rows // joint) for n in adapter.mlp_in} if rows else {})}
-        return sum(c * per_row.get(name, 1) for name, (r, c) in adapter.linear_shapes().items())
+        tries = (lambda name: (4 if name in per_row else 2)) if search else (lambda name: 1)
+        return sum(c * per_row.get(name, 1) * tries(name) for name, (r, c) in adapter.linear_shapes().items())
 
     def project(gflop, n_steps, fp32, fp16):
         per_phase = {}
@@ -125,7 +126,8 @@ def main(argv=None):
     # issue 17's configuration: joint rows, coarse grid, and the corrections (fp stream, refinement)
     # today's default BoA: that configuration without block_v (V on the shared X X^T; the same row sweeps)
     turbo = dict(fast=(plan_gflop(group, K), steps(group, N)), turbo_fast=(plan_gflop(group, K, True), steps(group, N)),
-                 default_now=(plan_gflop(group, K, True, block_v=False), steps(group, N)))
+                 default_now=(plan_gflop(group, K, True, block_v=False), steps(group, N)),
+                 default_search=(plan_gflop(group, K, True, block_v=False, search=True), steps(group, N, search=True)))
     out = {"cpu_peak_gflops": peak, "efficiency": eff, "mlp_row_group": group, "step_us": args.step_us,
            "joint_rows": N, "grid_coarse": K,
            "gflop_per_block": {k: plan_gflop(v) for k, v in variants.items()} | {k: g for k, (g, _) in turbo.items()},
@@ -145,13 +147,13 @@ def main(argv=None):
           + f"; sequential column steps per block: {steps(group):,} ({steps(None):,} for the paper's BoA)")
     print("\n| GPU | " + " | ".join(gflop) + " | total, 32 blocks | paper's BoA (--no-mlp-row-hessian) "
           f"| --joint-rows {N} --grid-coarse {K} | the same + --fp-targets --refine-scales 1 "
-          "| the same, --no-block-v (today's default) |")
-    print("|---|" + "---|" * (len(gflop) + 5))
+          "| the same, --no-block-v (today's default) | the same + --search-orders |")
+    print("|---|" + "---|" * (len(gflop) + 6))
     for gpu, v in out["gpus"].items():
         print(f"| {gpu} | " + " | ".join(f"{v['seconds_per_block'][p]:.1f} s" for p in gflop)
               + f" | **{v['minutes_total']:.0f} min** | {v['minutes_total_paper_boa']:.0f} min "
               f"| {v['minutes_total_fast']:.0f} min | {v['minutes_total_turbo_fast']:.0f} min "
-              f"| **{v['minutes_total_default_now']:.0f} min** |")
+              f"| **{v['minutes_total_default_now']:.0f} min** | {v['minutes_total_default_search']:.0f} min |")
 
 if __name__ == "__main__":
     main()

@@ -167,6 +167,28 @@ def test_search_orders_is_planned():
     assert term in terms and "fp bound: the bounded target" in terms and term not in fpt.phase("solve (per layer)").terms
 
 
+
+@pytest.mark.parametrize("method,mlp_rows", [("boa", None), ("boa", 8), ("gptq", None)])
+def test_search_orders_counts_every_try_in_the_solve_arithmetic(method, mlp_rows):
+    """Each act-order combination is one more solve, scored once (2RC^2): BoA's row-Hessian layers
+    (q, k, v; gate/up with MLP row Hessians) take 4 tries, the other layers and GPTQ's take 2."""
+    from lowmem_boa.scheduler.planner import PHASE_SOLVE, grid_candidates
+    adapter = get_adapter(tiny_config("llama"))
+    common = dict(method=method, calibration=True, nsamples=8, seqlen=32, dtype_bytes=4, device_type="cpu",
+                  mlp_row_group=mlp_rows)
+    plain = make_plan(adapter, PlanInputs(**common), 2 ** 30, 2 ** 32).gflop_per_block[PHASE_SOLVE]
+    search = make_plan(adapter, PlanInputs(**common, search_orders=True), 2 ** 30, 2 ** 32).gflop_per_block[PHASE_SOLVE]
+    grid = 2 * grid_candidates(1)
+    rowed = {adapter.q_proj, adapter.k_proj, adapter.v_proj} | (set(adapter.mlp_in) if mlp_rows else set())
+    one = extra = 0.0
+    for name, (r, c) in adapter.linear_shapes().items():
+        tries = 4 if method == "boa" and name in rowed else 2
+        one += (grid + 2) * r * c * c + c ** 3
+        extra += (tries - 1) * ((grid + 2) * r * c * c + c ** 3) + tries * 2 * r * c * c
+    assert plain == pytest.approx(one / 1e9, rel=1e-12)
+    assert search == pytest.approx((one + extra) / 1e9, rel=1e-12)
+
+
 def test_fp_targets_default_on_for_one_pass_solvers_and_says_so():
     """Issue 17's corrections are the default: fp targets on for GPTQ/BoA with one-pass statistics (a
     second stream in the plan, a note), off with --true-sequential (which they cannot combine with) and

@@ -373,12 +373,24 @@ def grid_candidates(coarse: int = 1, n_shrink: int = 80, roundings: int = 2) -> 
     return roundings * (-(-n_shrink // coarse) + 2 * (coarse - 1))
 
 
+def search_tries(D: Dims, inp: PlanInputs, i: int) -> int:
+    """Solves of the ``i``-th linear of ``D.linear_shapes`` (q, k, v, o, the MLP-input layers, the
+    MLP-output layer): 1, or with ``--search-orders`` every act-order combination (``block.BlockQuantizer
+    ._orders``): 4 for BoA's layers with a row Hessian (q, k, v; the MLP-input layers with MLP row
+    Hessians), 2 (with and without column act-order) for the rest and for GPTQ."""
+    if not inp.search_orders or inp.method == "rtn":
+        return 1
+    rowed = i < 3 or (inp.mlp_row_group and 4 <= i < 4 + D.n_mlp_in)
+    return 4 if inp.method == "boa" and rowed else 2
+
+
 def _gflops(D: Dims, inp: PlanInputs) -> dict:
     """Arithmetic (GFLOP) of each phase for one block, keyed by phase name.
 
     Statistics phases count the partial block forward they run to reach their layer plus their
     Gram products (one pass: one forward per stream and all of the block's Grams); ``solve`` counts the grid search (Hessian grid only), the OPTQ sweep (``2RC^2``)
-    and one Cholesky/inverse (``C^3``) per layer. Dense counts; causal attention is counted full.
+    and one Cholesky/inverse (``C^3``) per layer, times ``search_tries`` (each try also scored:
+    ``2RC^2``). Dense counts; causal attention is counted full.
     """
     N, L = inp.nsamples, inp.seqlen
     tok = N * L
@@ -406,7 +418,9 @@ def _gflops(D: Dims, inp: PlanInputs) -> dict:
     out[PHASE_MLP_OUT] = (qkv + attn + o + mlp_in + 2 * tok * D.I * D.I) / 1e9
     grid = 2 * grid_candidates(inp.grid_coarse) if inp.qparam == "hessian" else 0
     refine = 4 * inp.refine_scales      # per sweep: the rows' U H_col products and the residual's
-    out[PHASE_SOLVE] = sum((grid + 2 + refine) * r * c * c + c ** 3 for r, c in D.linear_shapes.values()) / 1e9
+    out[PHASE_SOLVE] = sum(search_tries(D, inp, i) * ((grid + 2 + refine) * r * c * c + c ** 3)
+                           + (2 * r * c * c * search_tries(D, inp, i) if inp.search_orders else 0)
+                           for i, (r, c) in enumerate(D.linear_shapes.values())) / 1e9
     if inp.fp_targets:   # the fp stream's forward to each layer and C; the fp block's propagation;
         # the correction W (C - H) (H + lam I)^-1: a Cholesky (C^3 / 3) and two R x C x C products
         for ph in (PHASE_ATTN, PHASE_OUT, PHASE_MLP_IN, PHASE_MLP_OUT):
