@@ -17,7 +17,8 @@ An ESTIMATE, not a measurement. Inputs:
 * assumption 2: the solvers' sequential column loop has a latency floor on a GPU: ``--step-us``
   microseconds per column step (a few small kernel launches); GPTQ layers take ``C`` steps, BoA's
   q/k/v ``head_dim x C`` (one OPTQ sweep per row index of all heads, docs/performance.md), and with
-  BoA's MLP row Hessians (the default at 2 bits) gate/up ``group x C`` (128 rows per group at 7B);
+  BoA's MLP row Hessians (the default at 2 bits) gate/up ``group x C`` (344 rows per group at 7B: the
+  largest divisor of 11,008 up to the default 512; 128 before SmolLM2's A/B);
 * the one-forward statistics phase (the default since it replaced the four per-group statistics phases
   and the fp stream's propagation) runs at the aggregate efficiency the scale run measured over those
   four phases (their GFLOP over their seconds: the same mix of forward and Gram products);

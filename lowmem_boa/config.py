@@ -74,7 +74,8 @@ class QuantConfig:
     v_row_hessian: bool = True
     mlp_row_hessian: bool | None = None   # BoA: row Hessian of the MLP-input layers through the MLP output;
                                     # None: on at 2-3 bits, off at 4+ (MLP_ROW_MAX_BITS); off = the paper's BoA
-    mlp_row_group: int = 128        # ... block-diagonal in groups of at most this many rows
+    mlp_row_group: int = 512        # ... block-diagonal in groups of at most this many rows (SmolLM2: 512 beat
+                                    # 128 on both texts; one group of all rows costs I sequential sweeps)
     mlp_row_damp: float = 0.0       # ... plus this fraction of each group's mean diagonal (towards GPTQ's rows)
     fp_targets: bool | None = None  # fit Q X~ towards the fp model's W X (asymmetric calibration); None: on
                                     # for GPTQ/BoA with one-pass statistics (FP_TARGETS_DEFAULT), resolved by the pipeline
@@ -237,7 +238,13 @@ class QuantConfig:
         if self.method != "boa":
             d.pop("follow_grids")
             d.pop("joint_rows")
-            d["block_v"] = True        # acts only on BoA: keyed at its default before CHANGED_DEFAULTS' change
+        # a changed default keys a configuration it does not act on at its old value (CHANGED_DEFAULTS): such
+        # runs keep the key they had before the change
+        mlp_rows = self.mlp_row_hessian if self.mlp_row_hessian is not None else self.default_mlp_row_hessian()
+        acts = {"block_v": self.method == "boa", "mlp_row_group": self.method == "boa" and mlp_rows}
+        for k, (before, _) in CHANGED_DEFAULTS.items():
+            if not acts[k]:
+                d[k] = before
         if self.method == "rtn":
             d.pop("refine_scales")
         return {k: v for k, v in d.items() if k not in ADDED_LATER or v != ADDED_LATER[k]}
@@ -245,7 +252,8 @@ class QuantConfig:
 
 # option -> (its default before, the flag that restores it): a run started before the default changed is keyed
 # with the old value; resuming it without the flag names the flag (checkpoint.state)
-CHANGED_DEFAULTS = {"block_v": (True, "--block-v")}     # off at 2 bits since then
+CHANGED_DEFAULTS = {"block_v": (True, "--block-v"),                    # off at 2 bits since then
+                    "mlp_row_group": (128, "--mlp-row-group 128")}     # 512 since then
 
 # option -> the value that reproduces the code before it existed (see QuantConfig.state_dict)
 ADDED_LATER = {"mlp_row_damp": 0.0, "fp_alpha": 1.0, "follow_grids": False, "refine_scales": 0, "joint_rows": 1,

@@ -123,7 +123,7 @@ def test_cli_exposes_the_block_options():
     qc, _ = parse(["--model", "m", "--true-sequential", "--no-v-row-hessian", "--search-orders", "--nsamples", "64"])
     assert (qc.true_sequential, qc.v_row_hessian, qc.search_orders, qc.nsamples) == (True, False, True, 64)
     qc, _ = parse(["--model", "m"])
-    assert (qc.mlp_row_hessian, qc.mlp_row_group, qc.fp_targets) == (None, 128, None)   # None: resolved by the run
+    assert (qc.mlp_row_hessian, qc.mlp_row_group, qc.fp_targets) == (None, 512, None)   # None: resolved by the run
     assert (qc.fp_alpha, qc.refine_scales, qc.follow_grids, qc.joint_rows, qc.grid_coarse) == (0.25, 1, True, None, 8)
     assert parse(["--model", "m", "--joint-rows", "auto"])[0].joint_rows is None
     assert parse(["--model", "m", "--joint-rows", "4"])[0].joint_rows == 4

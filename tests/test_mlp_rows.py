@@ -173,6 +173,31 @@ def test_block_v_default_changed_gptq_keys_kept_boa_runs_named_the_flag(tmp_path
     assert "changed since" not in str(e.value) and "differs in: block_v" in str(e.value)
 
 
+def test_mlp_row_group_default_changed_other_keys_kept_boa_runs_named_the_flag(tmp_path):
+    """--mlp-row-group went from 128 to 512: configurations it does not act on (GPTQ/RTN, BoA without MLP row
+    Hessians) keep the key they had; a BoA run with MLP rows started under 128 is refused with the flag."""
+    import json as _json
+
+    from lowmem_boa.checkpoint.state import MANIFEST, STATE_DIR, RunState, StateError, config_key
+    from lowmem_boa.config import CHANGED_DEFAULTS, QuantConfig
+    assert QuantConfig(model="m").mlp_row_group == 512 and CHANGED_DEFAULTS["mlp_row_group"][0] == 128
+    for kw in (dict(method="gptq"), dict(method="rtn"), dict(method="boa", mlp_row_hessian=False),
+               dict(method="boa", wbits=4)):
+        assert QuantConfig(model="m", **kw).state_dict() == QuantConfig(model="m", mlp_row_group=128, **kw).state_dict()
+        assert QuantConfig(model="m", **kw).state_dict()["mlp_row_group"] == 128
+    for kw in (dict(method="boa"), dict(method="boa", wbits=4, mlp_row_hessian=True)):
+        assert QuantConfig(model="m", **kw).state_dict()["mlp_row_group"] == 512
+    old = QuantConfig(model="m", method="boa", mlp_row_group=128).state_dict()
+    new = QuantConfig(model="m", method="boa").state_dict()
+    state = tmp_path / "out" / STATE_DIR
+    state.mkdir(parents=True)
+    (state / MANIFEST).write_text(_json.dumps({"key": config_key(old), "config": old}))
+    with pytest.raises(StateError, match="differs in: mlp_row_group; the default of --mlp-row-group changed .* "
+                                         "pass --mlp-row-group 128"):
+        RunState.check_output(tmp_path / "out", new, overwrite=False)
+    assert RunState.check_output(tmp_path / "out", old, overwrite=False) == "resume"
+
+
 def test_new_solver_options_refuse_bad_values_before_any_work():
     from lowmem_boa.config import QuantConfig
     for kw, flag in ((dict(fp_alpha=0.0), "--fp-alpha"), (dict(fp_alpha=1.5), "--fp-alpha"),
@@ -198,8 +223,10 @@ def test_mlp_rows_default_on_up_to_three_bits_and_says_so():
         assert qc.mlp_row_hessian is expect, (method, bits)
         said = [n for n in prep.notes if "MLP-input layers" in n]
         assert len(said) == (method == "boa"), prep.notes
-        assert (prep.plan.inputs.mlp_row_group == 86) is expect     # 172 rows: groups of 86
+        assert (prep.plan.inputs.mlp_row_group == 172) is expect    # 172 rows: one group (the default: up to 512)
     qc = QuantConfig(model=model, method="boa", wbits=4, mlp_row_hessian=True)
+    assert prepare_run(qc, RunOptions(device="cpu", plan_only=True, progress=False)).plan.inputs.mlp_row_group == 172
+    qc = QuantConfig(model=model, method="boa", wbits=2, mlp_row_group=128)
     assert prepare_run(qc, RunOptions(device="cpu", plan_only=True, progress=False)).plan.inputs.mlp_row_group == 86
 
 

@@ -64,6 +64,13 @@ def test_variant_names_keep_the_solver_they_were_measured_with():
     for k in ("fp_alpha", "refine_scales", "follow_grids", "joint_rows", "grid_coarse", "mlp_row_hessian"):
         assert getattr(new, k) == getattr(default, k), k
     assert new.fp_targets is True and default.fp_targets is None     # None: on for BoA (resolved by the run)
+    # --mlp-row-group: 128 in every BoA row measured before 512 became the default; "-g512" is the default
+    assert new.mlp_row_group == 128 and qc("boa-turbo-auto-cap-nbv").mlp_row_group == 128
+    now = qc("boa-turbo-auto-cap-nbv-g512")
+    for k in ("fp_alpha", "refine_scales", "follow_grids", "joint_rows", "grid_coarse", "mlp_row_hessian",
+              "mlp_row_group", "fp_max_shift", "search_orders", "act_order_col", "act_order_row"):
+        assert getattr(now, k) == getattr(default, k), k
+    assert now.block_v is False and default.block_v is None       # None: off at 2 bits (resolved by the run)
 
 
 def test_two_studies_of_one_profile_keep_each_others_rows(tmp_path):

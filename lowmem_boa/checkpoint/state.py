@@ -139,7 +139,8 @@ class RunState:
                 diff = sorted(k for k in set(config) | set(old.get("config", {}))
                               if config.get(k) != old.get("config", {}).get(k))
                 was = old.get("config", {})
-                hint = "".join(f"; the default of {flag} changed since that run started: pass {flag} to resume it"
+                hint = "".join(f"; the default of --{k.replace('_', '-')} changed since that run started: "
+                               f"pass {flag} to resume it"
                                for k, (before, flag) in CHANGED_DEFAULTS.items()
                                if k in diff and was.get(k) == before and config.get(k) != before)
                 raise StateError(f"{output} holds a run with a different configuration (differs in: "

@@ -70,9 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="BoA: also solve the MLP-input layers (fc1 / gate, up) with a row Hessian "
                    "(W_out^T W_out weighted by the activation's gains), as BoA solves V through W_out (default: on "
                    "at 2-3 bits, off at 4+, as measured on stories260K, docs/results.md); off: the paper's BoA")
-    m.add_argument("--mlp-row-group", type=int, default=128,
+    m.add_argument("--mlp-row-group", type=int, default=512,
                    help="--mlp-row-hessian: rows per block of the row Hessian (the largest divisor of the MLP "
-                   "size up to this; each block costs one sweep, like a head of this size)")
+                   "size up to this; each block costs one sweep, like a head of this size; default 512, 128 "
+                   "until SmolLM2 measured 512 better on both texts: pass 128 to resume a run started before)")
     m.add_argument("--mlp-row-damp", type=float, default=0.0,
                    help="--mlp-row-hessian: add this fraction of each row group's mean diagonal to its row Hessian "
                    "(0: none beyond --percdamp; large values approach GPTQ's independent rows)")
