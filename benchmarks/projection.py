@@ -78,6 +78,7 @@ def main(argv=None):
     from lowmem_boa.config import QuantConfig
     from lowmem_boa.models import get_adapter
     from lowmem_boa.scheduler import PlanInputs, load_config, make_plan
+    from lowmem_boa.scheduler.planner import Dims, search_tries
     from lowmem_boa.stats import mlp_row_group
     adapter = get_adapter(load_config(str(REPO / "configs" / "llama-2-7b.json")))
     group = mlp_row_group(adapter.intermediate_size, args.mlp_row_group or QuantConfig(model="").mlp_row_group)
@@ -106,12 +107,16 @@ def main(argv=None):
     eff[SOLVE] = grid_flop / row["boa_s"] / 1e9 / peak
     h = adapter.heads
 
-    def steps(rows, joint=1, search=False):   # with --search-orders every try sweeps again
+    dims = Dims.from_adapter(adapter)
+
+    def steps(rows, joint=1, search=False):   # with --search-orders every try sweeps again (planner.search_tries)
         sweeps = -(-h.head_dim // joint)
         per_row = {adapter.q_proj: sweeps, adapter.k_proj: sweeps, adapter.v_proj: sweeps,
                    **({n: -(-rows // joint) for n in adapter.mlp_in} if rows else {})}
-        tries = (lambda name: (4 if name in per_row else 2)) if search else (lambda name: 1)
-        return sum(c * per_row.get(name, 1) * tries(name) for name, (r, c) in adapter.linear_shapes().items())
+        inp = PlanInputs(method="boa", calibration=True, nsamples=1, seqlen=2, dtype_bytes=2, search_orders=search,
+                         mlp_row_group=rows)
+        return sum(c * per_row.get(name, 1) * search_tries(dims, inp, i)
+                   for i, (name, (r, c)) in enumerate(adapter.linear_shapes().items()))
 
     def project(gflop, n_steps, fp32, fp16):
         per_phase = {}
