@@ -53,6 +53,7 @@ def joint_rows_for(rows_per_head: int, joint_rows: int | None) -> int:
 # stories260K (docs/results.md, chosen on its validation text) they lowered 2- and 3-bit perplexity
 # below the paper's BoA and GPTQ, and raised it at 4 bits.
 MLP_ROW_MAX_BITS = 3
+ACT_ORDER_MAX_BITS = 2  # BoA's act-order default (column and row): up to this many bits (measured at 2)
 BLOCK_V_MIN_BITS = 3   # block_v's default: on from this many bits (SmolLM2: off won at 2 bits, on at 3)
 
 
@@ -67,8 +68,9 @@ class QuantConfig:
     block_v: bool | None = None     # BoA: V's per-head attention-weighted column Hessian (the paper's Table 1);
                                     # None: off at 2 bits, on from BLOCK_V_MIN_BITS (SmolLM2, docs/results.md),
                                     # resolved by the pipeline
-    act_order_col: bool = False
-    act_order_row: bool = False
+    act_order_col: bool | None = None   # columns swept by decreasing diag(H_col) (GPTQ's desc_act); None: on for
+    act_order_row: bool | None = None   # BoA per channel (default_act_order), resolved by the pipeline; rows of a
+                                    # head (or MLP row group) by decreasing diag(H_row), BoA only
     search_orders: bool = False
     true_sequential: bool = False   # one pass over the fp block (measured better, docs/results.md)
     v_row_hessian: bool = True
@@ -212,6 +214,14 @@ class QuantConfig:
         """``mlp_row_hessian`` when the flag is not given: BoA up to MLP_ROW_MAX_BITS."""
         return self.method == "boa" and self.wbits <= MLP_ROW_MAX_BITS
 
+    def default_act_order(self) -> bool:
+        """``act_order_col`` and ``act_order_row`` when the flags are not given: on for BoA with one grid per
+        row (SmolLM2 at 2 bits: -25 % WikiText-2, -34 % C4 perplexity at the solver's time, docs/results.md);
+        off for GPTQ/RTN, with groups (static groups, unmeasured), with --kquant (it fixes the column blocks)
+        and with --search-orders (which tries every order itself)."""
+        return (self.method == "boa" and self.group_size is None and self.kquant is None
+                and not self.search_orders and self.wbits <= ACT_ORDER_MAX_BITS)
+
     def default_block_v(self) -> bool:
         """``block_v`` when the flag is not given: BoA from BLOCK_V_MIN_BITS."""
         return self.method == "boa" and self.wbits >= BLOCK_V_MIN_BITS
@@ -241,7 +251,8 @@ class QuantConfig:
         # a changed default keys a configuration it does not act on at its old value (CHANGED_DEFAULTS): such
         # runs keep the key they had before the change
         mlp_rows = self.mlp_row_hessian if self.mlp_row_hessian is not None else self.default_mlp_row_hessian()
-        acts = {"block_v": self.method == "boa", "mlp_row_group": self.method == "boa" and mlp_rows}
+        acts = {"block_v": self.method == "boa", "mlp_row_group": self.method == "boa" and mlp_rows,
+                "act_order_col": True, "act_order_row": True}   # (resolved to the old value where off)
         for k, (before, _) in CHANGED_DEFAULTS.items():
             if not acts[k]:
                 d[k] = before
@@ -253,7 +264,9 @@ class QuantConfig:
 # option -> (its default before, the flag that restores it): a run started before the default changed is keyed
 # with the old value; resuming it without the flag names the flag (checkpoint.state)
 CHANGED_DEFAULTS = {"block_v": (True, "--block-v"),                    # off at 2 bits since then
-                    "mlp_row_group": (128, "--mlp-row-group 128")}     # 512 since then
+                    "mlp_row_group": (128, "--mlp-row-group 128"),     # 512 since then
+                    "act_order_col": (False, "--no-act-order-col"),    # on for BoA per channel since then
+                    "act_order_row": (False, "--no-act-order-row")}
 
 # option -> the value that reproduces the code before it existed (see QuantConfig.state_dict)
 ADDED_LATER = {"mlp_row_damp": 0.0, "fp_alpha": 1.0, "follow_grids": False, "refine_scales": 0, "joint_rows": 1,

@@ -26,7 +26,7 @@ import torch
 from . import __version__
 from .block import BlockQuantizer
 from .checkpoint import RunState, atomic_write_bytes, export_fake_quant
-from .config import BLOCK_V_MIN_BITS, DEFAULT_NSAMPLES, FP_TARGETS_DEFAULT, MLP_ROW_MAX_BITS, QuantConfig, RunOptions
+from .config import ACT_ORDER_MAX_BITS, BLOCK_V_MIN_BITS, DEFAULT_NSAMPLES, FP_TARGETS_DEFAULT, MLP_ROW_MAX_BITS, QuantConfig, RunOptions
 from .data import calibration_windows, file_source, load_source, local_files
 from .forward import first_block_inputs
 from .models import get_adapter
@@ -97,6 +97,36 @@ def default_budgets(device: torch.device, ro: RunOptions) -> tuple[int, int]:
     return budget, cpu_budget
 
 
+def resolve_defaults(qc: QuantConfig) -> list[str]:
+    """Every option left at None takes its default from the rest of the configuration (QuantConfig's
+    ``default_*`` rules); returns one note per default that acts on this method, naming the flags."""
+    boa, solves = qc.method == "boa", qc.method != "rtn"
+    rules = [   # (option, its default, whether a note is due, the note)
+        ("mlp_row_hessian", qc.default_mlp_row_hessian, boa,
+         lambda on: f"BoA: MLP-input layers {'with' if on else 'without'} their row Hessian at {qc.wbits} bits "
+                    f"(default: with up to {MLP_ROW_MAX_BITS} bits; --mlp-row-hessian / --no-mlp-row-hessian to choose)"),
+        ("block_v", qc.default_block_v, boa,
+         lambda on: f"BoA: V {'with' if on else 'without'} its per-head attention-weighted column Hessian (block_v) "
+                    f"at {qc.wbits} bits (default: from {BLOCK_V_MIN_BITS} bits; --block-v / --no-block-v to choose)"),
+        ("act_order_col", qc.default_act_order, boa and not qc.search_orders,
+         lambda on: f"BoA: columns swept {'by decreasing diag(H_col) (act-order)' if on else 'in order'} (default: "
+                    f"act-order per channel up to {ACT_ORDER_MAX_BITS} bits; --act-order-col / --no-act-order-col)"),
+        ("act_order_row", qc.default_act_order, boa and not qc.search_orders,
+         lambda on: f"BoA: rows of a head swept {'by decreasing diag(H_row) (act-order)' if on else 'in order'} "
+                    "(default: as the columns; --act-order-row / --no-act-order-row)"),
+        ("fp_targets", lambda: FP_TARGETS_DEFAULT and solves and not qc.true_sequential, solves,
+         lambda on: f"fitting towards the full-precision model's outputs (--fp-targets, alpha {qc.fp_alpha}): "
+                    + ("on, a second activation stream (--no-fp-targets: off)" if on else "off with --true-sequential")),
+    ]
+    notes = []
+    for name, default, noted, note in rules:
+        if getattr(qc, name) is None:
+            setattr(qc, name, bool(default()))
+            if noted:
+                notes.append(note(getattr(qc, name)))
+    return notes
+
+
 def prepare_run(qc: QuantConfig, ro: RunOptions, console: Console | None = None) -> PreparedRun:
     """All checks and the plan; reads configs and file names only (no weights, no data)."""
     console = console or Console(ro.progress)
@@ -115,24 +145,7 @@ def prepare_run(qc: QuantConfig, ro: RunOptions, console: Console | None = None)
     if qc.seqlen > adapter.max_positions:
         notes.append(f"--seqlen {qc.seqlen} capped to the model's {adapter.max_positions} positions")
         qc.seqlen = adapter.max_positions
-    if qc.mlp_row_hessian is None:
-        qc.mlp_row_hessian = qc.default_mlp_row_hessian()
-        if qc.method == "boa":
-            notes.append(f"BoA: MLP-input layers {'with' if qc.mlp_row_hessian else 'without'} their row Hessian at "
-                         f"{qc.wbits} bits (default: with up to {MLP_ROW_MAX_BITS} bits; --mlp-row-hessian / "
-                         "--no-mlp-row-hessian to choose)")
-    if qc.block_v is None:
-        qc.block_v = qc.default_block_v()
-        if qc.method == "boa":
-            notes.append(f"BoA: V {'with' if qc.block_v else 'without'} its per-head attention-weighted column "
-                         f"Hessian (block_v) at {qc.wbits} bits (default: from {BLOCK_V_MIN_BITS} bits; --block-v / "
-                         "--no-block-v to choose)")
-    if qc.fp_targets is None:
-        qc.fp_targets = FP_TARGETS_DEFAULT and qc.method != "rtn" and not qc.true_sequential
-        if qc.method != "rtn":
-            notes.append(f"fitting towards the full-precision model's outputs (--fp-targets, alpha {qc.fp_alpha}): "
-                         + ("on, a second activation stream (--no-fp-targets: off)" if qc.fp_targets else
-                            "off with --true-sequential"))
+    notes += resolve_defaults(qc)
     if qc.nsamples is None:
         qc.nsamples = DEFAULT_NSAMPLES
         if qc.uses_calibration:

@@ -208,11 +208,12 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
         assert torch.equal(a[k], c[k]), k
 
     # a different configuration in the same directory is refused, unless --overwrite
-    r = _cli(*_args(model, out, "--act-order-row"))
+    r = _cli(*_args(model, out, "--no-act-order-row"))    # (BoA's 2-bit default: rows by act-order)
     assert r.returncode == 2 and "different configuration" in r.stderr and "act_order_row" in r.stderr
-    r = _cli(*_args(model, out, "--act-order-row", "--overwrite"))
+    assert "changed since" not in r.stderr      # the flag was the user's, not a changed default
+    r = _cli(*_args(model, out, "--no-act-order-row", "--overwrite"))
     assert r.returncode == 0, r.stderr
-    assert json.loads((out / "quant_report.json").read_text())["config"]["act_order_row"] is True
+    assert json.loads((out / "quant_report.json").read_text())["config"]["act_order_row"] is False
 
 
 def test_activations_on_disk_when_host_budget_is_small(tiny_dirs, tmp_path):

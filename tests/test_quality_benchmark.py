@@ -66,11 +66,19 @@ def test_variant_names_keep_the_solver_they_were_measured_with():
     assert new.fp_targets is True and default.fp_targets is None     # None: on for BoA (resolved by the run)
     # --mlp-row-group: 128 in every BoA row measured before 512 became the default; "-g512" is the default
     assert new.mlp_row_group == 128 and qc("boa-turbo-auto-cap-nbv").mlp_row_group == 128
-    now = qc("boa-turbo-auto-cap-nbv-g512")
-    for k in ("fp_alpha", "refine_scales", "follow_grids", "joint_rows", "grid_coarse", "mlp_row_hessian",
-              "mlp_row_group", "fp_max_shift", "search_orders", "act_order_col", "act_order_row"):
-        assert getattr(now, k) == getattr(default, k), k
+    # act-order: off in every BoA row measured before it became the 2-bit default; "-g512-colrow" is the default
+    assert (qc("boa-turbo-auto-cap-nbv-g512").act_order_col, qc("boa-turbo-auto-cap-nbv-g512").act_order_row) == \
+        (False, False)
+    assert (qc("boa-turbo-auto-cap-nbv-col").act_order_col, qc("boa-turbo-auto-cap-nbv-col").act_order_row) == \
+        (True, False)
+    assert qc("boa-turbo-auto-cap-nbv-search").act_order_col is None    # the search tries every order itself
+    now = qc("boa-turbo-auto-cap-nbv-g512-colrow")
     assert now.block_v is False and default.block_v is None       # None: off at 2 bits (resolved by the run)
+    assert default.act_order_col is None and default.act_order_row is None
+    from lowmem_boa.pipeline import resolve_defaults
+    resolve_defaults(now), resolve_defaults(default)
+    differ = {k for k in vars(default) if getattr(now, k) != getattr(default, k)}
+    assert differ == set(), differ      # the 2-bit default BoA, option for option (once resolved)
 
 
 def test_two_studies_of_one_profile_keep_each_others_rows(tmp_path):

@@ -1,0 +1,84 @@
+"""Act-order (--act-order-col / --act-order-row) as BoA's 2-bit per-channel default: where it applies,
+what the user is told, and how a run started before the change resumes. (The solver's act-order paths
+against the slow reference: test_fast_vs_reference.py; their exports: test_export.py.)"""
+
+import json
+
+import pytest
+
+from lowmem_boa.checkpoint.state import MANIFEST, STATE_DIR, RunState, StateError, config_key
+from lowmem_boa.cli.quant import parse
+from lowmem_boa.config import CHANGED_DEFAULTS, QuantConfig, RunOptions
+from lowmem_boa.pipeline import prepare_run, resolve_defaults
+from tiny_models import SHARED, needs_shared
+
+
+@pytest.mark.parametrize("kw, on", [
+    (dict(method="boa"), True),
+    (dict(method="boa", wbits=3), False),                # measured at 2 bits only
+    (dict(method="boa", group_size=64), False),          # static groups: unmeasured
+    (dict(method="boa", kquant="q2_k"), False),          # k-quants fix the column blocks
+    (dict(method="boa", search_orders=True), False),     # the search tries every order itself
+    (dict(method="gptq"), False),
+    (dict(method="rtn"), False),
+])
+def test_default_rule(kw, on):
+    qc = QuantConfig(model="m", **kw)
+    assert qc.act_order_col is None and qc.act_order_row is None
+    resolve_defaults(qc)
+    assert (qc.act_order_col, qc.act_order_row) == (on, on), kw
+    qc.validate()     # (with --kquant: the resolved default never clashes with the k-quant's column blocks)
+
+
+def test_flags_override_the_default_one_by_one():
+    def resolved(*argv):
+        qc = parse(["--model", "m", *argv])[0]
+        resolve_defaults(qc)
+        return qc.act_order_col, qc.act_order_row
+    assert resolved() == (True, True)
+    assert resolved("--no-act-order-col") == (False, True)
+    assert resolved("--no-act-order-row") == (True, False)
+    assert resolved("--no-act-order-col", "--no-act-order-row") == (False, False)
+    assert resolved("--method", "gptq") == (False, False)
+    assert resolved("--method", "gptq", "--act-order-col") == (True, False)
+    assert resolved("--wbits", "3", "--act-order-col", "--act-order-row") == (True, True)
+    with pytest.raises(ValueError, match="--act-order-col"):
+        QuantConfig(model="m", kquant="q2_k", act_order_col=True).validate()
+
+
+@needs_shared
+def test_plan_resolves_and_says_so():
+    model = str(SHARED / "models" / "stories260K")
+    for kw, on in ((dict(method="boa"), True), (dict(method="boa", wbits=3), False), (dict(method="gptq"), None)):
+        qc = QuantConfig(model=model, **kw)
+        notes = prepare_run(qc, RunOptions(device="cpu", plan_only=True, progress=False)).notes
+        said = [n for n in notes if "act-order" in n]
+        if on is None:      # GPTQ: off, as before, without a note
+            assert qc.act_order_col is False and not said, notes
+        else:
+            assert qc.act_order_col is on and qc.act_order_row is on
+            assert len(said) == 2 and all(("by decreasing" in n) is on for n in said), said
+
+
+def test_a_run_started_before_the_change_is_refused_with_the_flags_that_resume_it(tmp_path):
+    assert CHANGED_DEFAULTS["act_order_col"][0] is False and CHANGED_DEFAULTS["act_order_row"][0] is False
+    old = QuantConfig(model="m", act_order_col=False, act_order_row=False)    # the key such a run has
+    new = QuantConfig(model="m")
+    resolve_defaults(old), resolve_defaults(new)
+    old, new = old.state_dict(), new.state_dict()
+    state = tmp_path / "out" / STATE_DIR
+    state.mkdir(parents=True)
+    (state / MANIFEST).write_text(json.dumps({"key": config_key(old), "config": old}))
+    with pytest.raises(StateError, match="differs in: act_order_col, act_order_row; the default of --act-order-col "
+                                         "changed .* pass --no-act-order-col to resume it; the default of "
+                                         "--act-order-row changed .* pass --no-act-order-row to resume it"):
+        RunState.check_output(tmp_path / "out", new, overwrite=False)
+    resumed = parse(["--model", "m", "--no-act-order-col", "--no-act-order-row"])[0]
+    resolve_defaults(resumed)
+    assert RunState.check_output(tmp_path / "out", resumed.state_dict(), overwrite=False) == "resume"
+    # configurations the change does not touch keep their key
+    for kw in (dict(method="gptq"), dict(method="rtn"), dict(method="boa", wbits=3), dict(method="boa", group_size=64)):
+        a, b = QuantConfig(model="m", **kw), QuantConfig(model="m", act_order_col=False, act_order_row=False, **kw)
+        resolve_defaults(a), resolve_defaults(b)
+        assert a.state_dict() == b.state_dict(), kw
+
