@@ -173,6 +173,12 @@ VARIANTS = {
                        "--fp-max-shift", "1"],
     "boa-turbo-auto-cap": ["--method", "boa", "--fp-targets", "--fp-alpha", "0.25", "--follow-grids", "--refine-scales",
                            "1", "--joint-rows", "auto", "--grid-coarse", "8", "--fp-max-shift", "1"],
+    # the same with MLP row groups of 512: BoA's 3-bit default (block_v on, no act-order at 3 bits), and act-order
+    # (column + row) on top of it, the 3-bit A/B of the 2-bit default's act-order
+    **{f"boa-turbo-auto-cap-g512{k}": ["--method", "boa", "--fp-targets", "--fp-alpha", "0.25", "--follow-grids",
+                                       "--refine-scales", "1", "--joint-rows", "auto", "--grid-coarse", "8",
+                                       "--fp-max-shift", "1", "--block-v", "--mlp-row-group", "512", *extra]
+       for k, extra in {"": [], "-colrow": ["--act-order-col", "--act-order-row"]}.items()},
     # BoA's default since block_v went off (decided at the paper's protocol): the guard, no block_v; and the
     # defaults still open re-decided on top of it, one change each
     **{f"boa-turbo-auto-cap-nbv{k}": ["--method", "boa", "--fp-targets", "--fp-alpha", "0.25", "--follow-grids",

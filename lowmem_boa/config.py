@@ -251,10 +251,9 @@ class QuantConfig:
         # a changed default keys a configuration it does not act on at its old value (CHANGED_DEFAULTS): such
         # runs keep the key they had before the change
         mlp_rows = self.mlp_row_hessian if self.mlp_row_hessian is not None else self.default_mlp_row_hessian()
-        acts = {"block_v": self.method == "boa", "mlp_row_group": self.method == "boa" and mlp_rows,
-                "act_order_col": True, "act_order_row": True}   # (resolved to the old value where off)
+        acts = {"block_v": self.method == "boa", "mlp_row_group": self.method == "boa" and mlp_rows}
         for k, (before, _) in CHANGED_DEFAULTS.items():
-            if not acts[k]:
+            if not acts.get(k, True):    # (act-order acts wherever on; off, it resolves to the old value)
                 d[k] = before
         if self.method == "rtn":
             d.pop("refine_scales")

@@ -79,6 +79,15 @@ def test_variant_names_keep_the_solver_they_were_measured_with():
     resolve_defaults(now), resolve_defaults(default)
     differ = {k for k in vars(default) if getattr(now, k) != getattr(default, k)}
     assert differ == set(), differ      # the 2-bit default BoA, option for option (once resolved)
+    # at 3 bits: block_v on, no act-order, MLP row groups of 512 ("boa-turbo-auto-cap-g512")
+    three, default3 = (parse(["--model", "m", *quality.OLD_SOLVER, *quality.VARIANTS["boa-turbo-auto-cap-g512"],
+                              "--wbits", "3"])[0], parse(["--model", "m", "--wbits", "3"])[0])
+    resolve_defaults(three), resolve_defaults(default3)
+    differ = {k for k in vars(default3) if getattr(three, k) != getattr(default3, k)}
+    assert differ == set(), differ
+    assert (three.block_v, three.act_order_col, three.act_order_row) == (True, False, False)
+    colrow = qc("boa-turbo-auto-cap-g512-colrow")
+    assert (colrow.act_order_col, colrow.act_order_row, colrow.mlp_row_group) == (True, True, 512)
 
 
 def test_two_studies_of_one_profile_keep_each_others_rows(tmp_path):

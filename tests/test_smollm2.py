@@ -25,9 +25,7 @@ def test_smollm2_boa_2bit_kill_and_resume_is_bit_identical(tmp_path):
     cfg = AutoConfig.from_pretrained(smollm2)
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads) == \
         (BLOCKS, 576, 9, 3)
-    # (what is tested is resume, not the default's quality: MLP row groups of 128 sweep 8 joint rows per group
-    # where the default 512 sweeps 32, half this test's time)
-    minmax = ("--qparam", "minmax", "--mlp-row-group", "128")
+    minmax = ("--qparam", "minmax")
     ref = tmp_path / "ref"
     r = quant_cli(*quant_args(smollm2, ref, *minmax))
     assert r.returncode == 0, r.stderr
