@@ -1,9 +1,10 @@
 """End to end on SmolLM2-135M, the real LLM that decides quality (30 blocks, d=576, GQA 9/3 x 64): a
 kill and rerun is bit-identical.
 
-CI-sized, on 4 WikiText-2 windows of 128 tokens: BoA at 2 bits with the MinMax grid quantizes all
-30 blocks, and a run killed in the middle and rerun resumes and is bit-identical to an uninterrupted
-run. (tests/test_smollm2_quality.py checks the quality of the output; the two are in separate files so
+CI-sized, on 4 WikiText-2 windows of 128 tokens: BoA at 2 bits with the default solver (fp targets
+and their second activation stream, act-order, joint rows; MLP row groups of 128) and the MinMax grid
+quantizes all 30 blocks, and a run killed in the middle and rerun resumes and is bit-identical to an
+uninterrupted run. (tests/test_smollm2_quality.py checks the quality of the output; the two are in separate files so
 that the test workers run them at the same time.) The model is built once from its registry package
 (``tiny_models.smollm2_dir``).
 """

@@ -1,11 +1,11 @@
 """End to end on SmolLM2-135M, the real LLM that decides quality: the output loads and is far better
 than RTN.
 
-CI-sized, on 4 WikiText-2 windows of 128 tokens: BoA at 2 bits with the (default) Hessian grid loads
-with ``from_pretrained`` and its perplexity on a few held-out windows is finite and far below RTN's.
-(At 2 bits per channel the MinMax grid collapses on this model -- PPL ~1e6, no better than RTN -- so
-the quality check needs the Hessian grid, ~5 s per block here.) tests/test_smollm2.py checks kill
-and resume.
+CI-sized, on 4 WikiText-2 windows of 128 tokens: BoA at 2 bits with the defaults (MLP row groups of 128:
+``smollm2_cli``), so with the Hessian grid, loads with ``from_pretrained`` and its perplexity on a few
+held-out windows is finite and far below RTN's. (At 2 bits per channel the MinMax grid collapses on this
+model -- PPL 1e6 to 4e7, no better than RTN -- so the quality check needs the Hessian grid, ~8 s per
+block here.) tests/test_smollm2.py checks kill and resume.
 """
 
 import math
@@ -43,5 +43,6 @@ def test_smollm2_boa_2bit_loads_and_is_far_better_than_rtn(tmp_path):
     ppl = {name: streaming_nll(d, win, CPU, 8 * 2 ** 30)["ppl"] for name, d in
            (("fp", smollm2), ("boa", out), ("rtn", rtn))}
     assert all(math.isfinite(p) for p in ppl.values()), ppl
-    # measured: fp 25.1, BoA 542, RTN 6.2e6 (BoA with the MinMax grid: ~3e6, no better than RTN)
+    # measured: fp 25.1, BoA 389 (542 with the solver before issue 17 and no act-order), RTN 6.2e6 (BoA with
+    # the MinMax grid: ~4e7, no better than RTN)
     assert ppl["fp"] < ppl["boa"] < min(40 * ppl["fp"], ppl["rtn"] / 100), ppl
