@@ -200,16 +200,18 @@ VARIANTS = {
 # rows; "boa-turbo-auto-cap-nbv" is BoA's default since that change
 # The same for --mlp-row-group, 128 until SmolLM2's A/B made 512 the default: "boa-turbo-auto-cap-nbv-g512" is
 # BoA's 2-bit default since then. And for act-order (--act-order-col/-row), off until the same A/B at the paper's
-# protocol made it BoA's 2-bit default: "boa-turbo-auto-cap-nbv-g512-colrow" is BoA's 2-bit default since then.
+# protocol made it BoA's 2-bit default: "boa-turbo-auto-cap-nbv-g512-colrow" is BoA's 2-bit default since then;
+# column act-order became GPTQ's 2-bit default after its A/B at the reference recipe: "gptq-turbo-col" is GPTQ's
+# 2-bit default since then.
 for _flags in VARIANTS.values():
     if _flags and _flags[:2] == ["--method", "boa"] and not {"--block-v", "--no-block-v"} & set(_flags):
         _flags.append("--block-v")
     if _flags and _flags[:2] == ["--method", "boa"] and "--mlp-row-group" not in _flags:
         _flags += ["--mlp-row-group", "128"]
-    for _order in ("col", "row"):   # act-order: off until SmolLM2's A/B made it BoA's 2-bit default
-        if _flags and _flags[:2] == ["--method", "boa"] and "--search-orders" not in _flags \
+    for _order, _methods in (("col", ("boa", "gptq")), ("row", ("boa",))):   # act-order: off until SmolLM2's
+        if _flags and _flags[0] == "--method" and _flags[1] in _methods and "--search-orders" not in _flags \
                 and not {f"--act-order-{_order}", f"--no-act-order-{_order}"} & set(_flags):
-            _flags.append(f"--no-act-order-{_order}")
+            _flags.append(f"--no-act-order-{_order}")                           # A/Bs made it the default
 
 STUDIES = {
     "main": {"bits": ["2", "3", "4"], "variants": ["rtn", "gptq-minmax", "llmc-gptq", "gptq", "boa", "boa-noblockv",

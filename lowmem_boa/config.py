@@ -53,7 +53,8 @@ def joint_rows_for(rows_per_head: int, joint_rows: int | None) -> int:
 # stories260K (docs/results.md, chosen on its validation text) they lowered 2- and 3-bit perplexity
 # below the paper's BoA and GPTQ, and raised it at 4 bits.
 MLP_ROW_MAX_BITS = 3
-ACT_ORDER_MAX_BITS = 2  # BoA's act-order default (column and row): up to this many bits (measured at 2)
+ACT_ORDER_MAX_BITS = 2  # act-order's default (BoA: column and row; GPTQ: column): up to this many bits
+                        # (measured at 2)
 BLOCK_V_MIN_BITS = 3   # block_v's default: on from this many bits (SmolLM2: off won at 2 bits, on at 3)
 
 
@@ -69,8 +70,10 @@ class QuantConfig:
                                     # None: off at 2 bits, on from BLOCK_V_MIN_BITS (SmolLM2, docs/results.md),
                                     # resolved by the pipeline
     act_order_col: bool | None = None   # columns swept by decreasing diag(H_col) (GPTQ's desc_act); None: on for
-    act_order_row: bool | None = None   # BoA per channel (default_act_order), resolved by the pipeline; rows of a
-                                    # head (or MLP row group) by decreasing diag(H_row), BoA only
+                                    # BoA and GPTQ per channel at 2 bits (default_act_order_col), resolved by the
+                                    # pipeline
+    act_order_row: bool | None = None   # BoA: rows of a head (or MLP row group) by decreasing diag(H_row); None:
+                                    # as the columns for BoA (default_act_order_row)
     search_orders: bool = False
     true_sequential: bool = False   # one pass over the fp block (measured better, docs/results.md)
     v_row_hessian: bool = True
@@ -214,13 +217,19 @@ class QuantConfig:
         """``mlp_row_hessian`` when the flag is not given: BoA up to MLP_ROW_MAX_BITS."""
         return self.method == "boa" and self.wbits <= MLP_ROW_MAX_BITS
 
-    def default_act_order(self) -> bool:
-        """``act_order_col`` and ``act_order_row`` when the flags are not given: on for BoA with one grid per
-        row (SmolLM2 at 2 bits: -25 % WikiText-2, -34 % C4 perplexity at the solver's time, docs/results.md);
-        off for GPTQ/RTN, with groups (static groups, unmeasured), with --kquant (it fixes the column blocks)
-        and with --search-orders (which tries every order itself)."""
-        return (self.method == "boa" and self.group_size is None and self.kquant is None
+    def default_act_order_col(self) -> bool:
+        """``act_order_col`` when the flag is not given: on for BoA and GPTQ with one grid per row up to
+        ACT_ORDER_MAX_BITS (SmolLM2 at 2 bits, both texts, docs/results.md: BoA -24 % WikiText-2 and -42 % C4
+        perplexity at the paper's protocol, GPTQ -24 % / -29 % at the reference recipe, at the solver's time);
+        off for RTN, with groups (static groups, unmeasured), with --kquant (it fixes the column blocks),
+        with --search-orders (which tries every order itself) and at 3+ bits (unmeasured)."""
+        return (self.method in ("boa", "gptq") and self.group_size is None and self.kquant is None
                 and not self.search_orders and self.wbits <= ACT_ORDER_MAX_BITS)
+
+    def default_act_order_row(self) -> bool:
+        """``act_order_row`` when the flag is not given: BoA's rows follow its columns' rule (GPTQ and RTN
+        have no row order)."""
+        return self.method == "boa" and self.default_act_order_col()
 
     def default_block_v(self) -> bool:
         """``block_v`` when the flag is not given: BoA from BLOCK_V_MIN_BITS."""

@@ -108,10 +108,10 @@ def resolve_defaults(qc: QuantConfig) -> list[str]:
         ("block_v", qc.default_block_v, boa,
          lambda on: f"BoA: V {'with' if on else 'without'} its per-head attention-weighted column Hessian (block_v) "
                     f"at {qc.wbits} bits (default: from {BLOCK_V_MIN_BITS} bits; --block-v / --no-block-v to choose)"),
-        ("act_order_col", qc.default_act_order, boa and not qc.search_orders,
-         lambda on: f"BoA: columns swept {'by decreasing diag(H_col) (act-order)' if on else 'in order'} (default: "
+        ("act_order_col", qc.default_act_order_col, solves and not qc.search_orders,
+         lambda on: f"columns swept {'by decreasing diag(H_col) (act-order)' if on else 'in order'} (default: "
                     f"act-order per channel up to {ACT_ORDER_MAX_BITS} bits; --act-order-col / --no-act-order-col)"),
-        ("act_order_row", qc.default_act_order, boa and not qc.search_orders,
+        ("act_order_row", qc.default_act_order_row, boa and not qc.search_orders,
          lambda on: f"BoA: rows of a head swept {'by decreasing diag(H_row) (act-order)' if on else 'in order'} "
                     "(default: as the columns; --act-order-row / --no-act-order-row)"),
         ("fp_targets", lambda: FP_TARGETS_DEFAULT and solves and not qc.true_sequential, solves,

@@ -1,4 +1,5 @@
-"""Act-order (--act-order-col / --act-order-row) as BoA's 2-bit per-channel default: where it applies,
+"""Act-order (--act-order-col / --act-order-row) as BoA's 2-bit per-channel default, and column act-order as
+GPTQ's: where it applies,
 what the user is told, and how a run started before the change resumes. (The solver's act-order paths
 against the slow reference: test_fast_vs_reference.py; their exports: test_export.py.)"""
 
@@ -13,20 +14,24 @@ from lowmem_boa.pipeline import prepare_run, resolve_defaults
 from tiny_models import SHARED, needs_shared
 
 
-@pytest.mark.parametrize("kw, on", [
-    (dict(method="boa"), True),
-    (dict(method="boa", wbits=3), False),                # measured at 2 bits only
-    (dict(method="boa", group_size=64), False),          # static groups: unmeasured
-    (dict(method="boa", kquant="q2_k"), False),          # k-quants fix the column blocks
-    (dict(method="boa", search_orders=True), False),     # the search tries every order itself
-    (dict(method="gptq"), False),
-    (dict(method="rtn"), False),
+@pytest.mark.parametrize("kw, col, row", [
+    (dict(method="boa"), True, True),
+    (dict(method="boa", wbits=3), False, False),                # measured at 2 bits only
+    (dict(method="boa", group_size=64), False, False),          # static groups: unmeasured
+    (dict(method="boa", kquant="q2_k"), False, False),          # k-quants fix the column blocks
+    (dict(method="boa", search_orders=True), False, False),     # the search tries every order itself
+    (dict(method="gptq"), True, False),                         # GPTQ has no row order
+    (dict(method="gptq", wbits=3), False, False),
+    (dict(method="gptq", group_size=128), False, False),
+    (dict(method="gptq", kquant="q4_k"), False, False),
+    (dict(method="gptq", search_orders=True), False, False),
+    (dict(method="rtn"), False, False),
 ])
-def test_default_rule(kw, on):
+def test_default_rule(kw, col, row):
     qc = QuantConfig(model="m", **kw)
     assert qc.act_order_col is None and qc.act_order_row is None
     resolve_defaults(qc)
-    assert (qc.act_order_col, qc.act_order_row) == (on, on), kw
+    assert (qc.act_order_col, qc.act_order_row) == (col, row), kw
     qc.validate()     # (with --kquant: the resolved default never clashes with the k-quant's column blocks)
 
 
@@ -39,8 +44,8 @@ def test_flags_override_the_default_one_by_one():
     assert resolved("--no-act-order-col") == (False, True)
     assert resolved("--no-act-order-row") == (True, False)
     assert resolved("--no-act-order-col", "--no-act-order-row") == (False, False)
-    assert resolved("--method", "gptq") == (False, False)
-    assert resolved("--method", "gptq", "--act-order-col") == (True, False)
+    assert resolved("--method", "gptq") == (True, False)
+    assert resolved("--method", "gptq", "--no-act-order-col") == (False, False)
     assert resolved("--wbits", "3", "--act-order-col", "--act-order-row") == (True, True)
     with pytest.raises(ValueError, match="--act-order-col"):
         QuantConfig(model="m", kquant="q2_k", act_order_col=True).validate()
@@ -49,15 +54,17 @@ def test_flags_override_the_default_one_by_one():
 @needs_shared
 def test_plan_resolves_and_says_so():
     model = str(SHARED / "models" / "stories260K")
-    for kw, on in ((dict(method="boa"), True), (dict(method="boa", wbits=3), False), (dict(method="gptq"), None)):
+    for kw, on in ((dict(method="boa"), True), (dict(method="boa", wbits=3), False), (dict(method="gptq"), True),
+                   (dict(method="gptq", wbits=3), False), (dict(method="rtn"), None)):
         qc = QuantConfig(model=model, **kw)
         notes = prepare_run(qc, RunOptions(device="cpu", plan_only=True, progress=False)).notes
         said = [n for n in notes if "act-order" in n]
-        if on is None:      # GPTQ: off, as before, without a note
+        if on is None:      # RTN: no order, no note
             assert qc.act_order_col is False and not said, notes
         else:
-            assert qc.act_order_col is on and qc.act_order_row is on
-            assert len(said) == 2 and all(("by decreasing" in n) is on for n in said), said
+            assert qc.act_order_col is on and qc.act_order_row is (on and kw["method"] == "boa")
+            rows = kw["method"] == "boa"     # GPTQ: a note on the columns only
+            assert len(said) == 1 + rows and all(("by decreasing" in n) is on for n in said), said
 
 
 def test_a_run_started_before_the_change_is_refused_with_the_flags_that_resume_it(tmp_path):
@@ -76,8 +83,17 @@ def test_a_run_started_before_the_change_is_refused_with_the_flags_that_resume_i
     resumed = parse(["--model", "m", "--no-act-order-col", "--no-act-order-row"])[0]
     resolve_defaults(resumed)
     assert RunState.check_output(tmp_path / "out", resumed.state_dict(), overwrite=False) == "resume"
+    # GPTQ at 2 bits per channel: its columns only
+    old = QuantConfig(model="m", method="gptq", act_order_col=False)
+    new = QuantConfig(model="m", method="gptq")
+    resolve_defaults(old), resolve_defaults(new)
+    (state / MANIFEST).write_text(json.dumps({"key": config_key(old.state_dict()), "config": old.state_dict()}))
+    with pytest.raises(StateError, match="differs in: act_order_col; the default of --act-order-col changed .* "
+                                         r"pass --no-act-order-col to resume it\)"):
+        RunState.check_output(tmp_path / "out", new.state_dict(), overwrite=False)
     # configurations the change does not touch keep their key
-    for kw in (dict(method="gptq"), dict(method="rtn"), dict(method="boa", wbits=3), dict(method="boa", group_size=64)):
+    for kw in (dict(method="gptq", wbits=3), dict(method="gptq", group_size=128), dict(method="rtn"),
+               dict(method="boa", wbits=3), dict(method="boa", group_size=64)):
         a, b = QuantConfig(model="m", **kw), QuantConfig(model="m", act_order_col=False, act_order_row=False, **kw)
         resolve_defaults(a), resolve_defaults(b)
         assert a.state_dict() == b.state_dict(), kw

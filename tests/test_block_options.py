@@ -39,12 +39,12 @@ def test_one_pass_statistics_do_not_depend_on_the_attention_solver(llama_dir, tm
     they follow the quantized attention and differ."""
     one_gptq, _ = _quant(llama_dir, tmp_path / "a", method="gptq", true_sequential=False)
     # (the same grid search for both: BoA's default coarse-to-fine search would change every later layer)
-    # (and GPTQ's column order: BoA's 2-bit default sweeps columns by act-order)
+    # (both sweep columns by act-order: the 2-bit default of each)
     one_boa, _ = _quant(llama_dir, tmp_path / "b", method="boa", true_sequential=False, mlp_row_hessian=False,
-                        grid_coarse=1, act_order_col=False)
+                        grid_coarse=1)
     seq_gptq, _ = _quant(llama_dir, tmp_path / "c", method="gptq", true_sequential=True)
     seq_boa, _ = _quant(llama_dir, tmp_path / "d", method="boa", true_sequential=True, mlp_row_hessian=False,
-                        grid_coarse=1, act_order_col=False)
+                        grid_coarse=1)
     for n in ATTN:   # q/k/v see the same statistics in both modes
         assert torch.equal(one_gptq[f"{n}.weight"], seq_gptq[f"{n}.weight"]), n
         assert torch.equal(one_boa[f"{n}.weight"], seq_boa[f"{n}.weight"]), n
@@ -59,7 +59,7 @@ def test_v_without_row_hessian_is_gptq_per_head(llama_dir, tmp_path):
     """``--no-v-row-hessian`` solves V with an identity row Hessian: with the shared X X^T (no
     block_v) that is GPTQ on V, the same codes as the GPTQ run's V."""
     boa, _ = _quant(llama_dir, tmp_path / "a", method="boa", block_v=False, v_row_hessian=False, grid_coarse=1,
-                    act_order_col=False, act_order_row=False)    # (GPTQ's orders)
+                    act_order_row=False)    # (GPTQ's orders: columns by act-order, the 2-bit default of both)
     gptq, _ = _quant(llama_dir, tmp_path / "b", method="gptq")
     with_row, _ = _quant(llama_dir, tmp_path / "c", method="boa", block_v=False)
     n = "self_attn.v_proj"

@@ -86,6 +86,14 @@ def test_variant_names_keep_the_solver_they_were_measured_with():
     differ = {k for k in vars(default3) if getattr(three, k) != getattr(default3, k)}
     assert differ == set(), differ
     assert (three.block_v, three.act_order_col, three.act_order_row) == (True, False, False)
+    # GPTQ: column act-order off in every row measured before it became the 2-bit default; "gptq-turbo-col" is
+    # the default
+    assert qc("gptq-turbo").act_order_col is False and qc("gptq").act_order_col is False
+    col = qc("gptq-turbo-col")
+    resolve_defaults(col), resolve_defaults(gptq_default)
+    a, b = col.state_dict(), gptq_default.state_dict()
+    differ = {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)}
+    assert differ == {"fp_max_shift"}, differ    # (no guard of the fp targets, as gptq-turbo's rows)
     colrow = qc("boa-turbo-auto-cap-g512-colrow")
     assert (colrow.act_order_col, colrow.act_order_row, colrow.mlp_row_group) == (True, True, 512)
 
