@@ -208,10 +208,11 @@ for _flags in VARIANTS.values():
         _flags.append("--block-v")
     if _flags and _flags[:2] == ["--method", "boa"] and "--mlp-row-group" not in _flags:
         _flags += ["--mlp-row-group", "128"]
-    for _order, _methods in (("col", ("boa", "gptq")), ("row", ("boa",))):   # act-order: off until SmolLM2's
+    # act-order: off in every row measured before SmolLM2's A/Bs made it the 2-bit default (BoA: col + row; GPTQ: col)
+    for _order, _methods in (("col", ("boa", "gptq")), ("row", ("boa",))):
         if _flags and _flags[0] == "--method" and _flags[1] in _methods and "--search-orders" not in _flags \
                 and not {f"--act-order-{_order}", f"--no-act-order-{_order}"} & set(_flags):
-            _flags.append(f"--no-act-order-{_order}")                           # A/Bs made it the default
+            _flags.append(f"--no-act-order-{_order}")
 
 STUDIES = {
     "main": {"bits": ["2", "3", "4"], "variants": ["rtn", "gptq-minmax", "llmc-gptq", "gptq", "boa", "boa-noblockv",
