@@ -173,8 +173,8 @@ VARIANTS = {
                        "--fp-max-shift", "1"],
     "boa-turbo-auto-cap": ["--method", "boa", "--fp-targets", "--fp-alpha", "0.25", "--follow-grids", "--refine-scales",
                            "1", "--joint-rows", "auto", "--grid-coarse", "8", "--fp-max-shift", "1"],
-    # the same with MLP row groups of 512: BoA's 3-bit default (block_v on, no act-order at 3 bits), and act-order
-    # (column + row) on top of it, the 3-bit A/B of the 2-bit default's act-order
+    # the same with MLP row groups of 512 and block_v: BoA's 3-bit default before act-order ("-g512"), and with
+    # act-order (column + row, "-g512-colrow"): BoA's 3-bit default since that A/B
     **{f"boa-turbo-auto-cap-g512{k}": ["--method", "boa", "--fp-targets", "--fp-alpha", "0.25", "--follow-grids",
                                        "--refine-scales", "1", "--joint-rows", "auto", "--grid-coarse", "8",
                                        "--fp-max-shift", "1", "--block-v", "--mlp-row-group", "512", *extra]
@@ -202,7 +202,7 @@ VARIANTS = {
 # BoA's 2-bit default since then. And for act-order (--act-order-col/-row), off until the same A/B at the paper's
 # protocol made it BoA's 2-bit default: "boa-turbo-auto-cap-nbv-g512-colrow" is BoA's 2-bit default since then;
 # column act-order became GPTQ's 2-bit default after its A/B at the reference recipe: "gptq-turbo-col" is GPTQ's
-# 2-bit default since then.
+# 2-bit default since then; at 3 bits the same A/B made "boa-turbo-auto-cap-g512-colrow" BoA's default.
 for _flags in VARIANTS.values():
     if _flags and _flags[:2] == ["--method", "boa"] and not {"--block-v", "--no-block-v"} & set(_flags):
         _flags.append("--block-v")

@@ -79,13 +79,16 @@ def test_variant_names_keep_the_solver_they_were_measured_with():
     resolve_defaults(now), resolve_defaults(default)
     differ = {k for k in vars(default) if getattr(now, k) != getattr(default, k)}
     assert differ == set(), differ      # the 2-bit default BoA, option for option (once resolved)
-    # at 3 bits: block_v on, no act-order, MLP row groups of 512 ("boa-turbo-auto-cap-g512")
-    three, default3 = (parse(["--model", "m", *quality.OLD_SOLVER, *quality.VARIANTS["boa-turbo-auto-cap-g512"],
+    # at 3 bits: block_v on, act-order (column + row), MLP row groups of 512 ("boa-turbo-auto-cap-g512-colrow");
+    # "boa-turbo-auto-cap-g512" (no act-order) was the 3-bit default before its A/B
+    three, default3 = (parse(["--model", "m", *quality.OLD_SOLVER, *quality.VARIANTS["boa-turbo-auto-cap-g512-colrow"],
                               "--wbits", "3"])[0], parse(["--model", "m", "--wbits", "3"])[0])
     resolve_defaults(three), resolve_defaults(default3)
     differ = {k for k in vars(default3) if getattr(three, k) != getattr(default3, k)}
     assert differ == set(), differ
-    assert (three.block_v, three.act_order_col, three.act_order_row) == (True, False, False)
+    assert (three.block_v, three.act_order_col, three.act_order_row) == (True, True, True)
+    before = qc("boa-turbo-auto-cap-g512")
+    assert (before.block_v, before.act_order_col, before.act_order_row, before.mlp_row_group) == (True, False, False, 512)
     # GPTQ: column act-order off in every row measured before it became the 2-bit default; "gptq-turbo-col" is
     # the default
     assert qc("gptq-turbo").act_order_col is False and qc("gptq").act_order_col is False
