@@ -70,9 +70,9 @@ class QuantConfig:
     block_v: bool | None = None     # BoA: V's per-head attention-weighted column Hessian (the paper's Table 1);
                                     # None: off at 2 bits, on from BLOCK_V_MIN_BITS (SmolLM2, docs/results.md),
                                     # resolved by the pipeline
-    act_order_col: bool | None = None   # columns swept by decreasing diag(H_col) (GPTQ's desc_act); None: on for
-                                    # BoA and GPTQ per channel at 2 bits (default_act_order_col), resolved by the
-                                    # pipeline
+    act_order_col: bool | None = None   # columns swept by decreasing diag(H_col) (GPTQ's desc_act); None: on per
+                                    # channel for BoA at 2-3 bits and GPTQ at 2 (default_act_order_col), resolved
+                                    # by the pipeline
     act_order_row: bool | None = None   # BoA: rows of a head (or MLP row group) by decreasing diag(H_row); None:
                                     # as the columns for BoA (default_act_order_row)
     search_orders: bool = False
@@ -275,7 +275,7 @@ class QuantConfig:
 # with the old value; resuming it without the flag names the flag (checkpoint.state)
 CHANGED_DEFAULTS = {"block_v": (True, "--block-v"),                    # off at 2 bits since then
                     "mlp_row_group": (128, "--mlp-row-group 128"),     # 512 since then
-                    "act_order_col": (False, "--no-act-order-col"),    # on for BoA per channel since then
+                    "act_order_col": (False, "--no-act-order-col"),    # on per channel since then (ACT_ORDER_MAX_BITS)
                     "act_order_row": (False, "--no-act-order-row")}
 
 # option -> the value that reproduces the code before it existed (see QuantConfig.state_dict)
