@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from lowmem_boa.export.gguf_file import (GGUFExportError, check_gguf_exportable, gguf_name, gguf_to_hf, permute_rows,
                                          unpermute_rows, write_llama_gguf)
 
-from tiny_models import DATA, REPO, needs_shared, save_tiny_model, smollm2_dir
+from tiny_models import DATA, REPO, needs_shared, run_quant_in_process, save_tiny_model, smollm2_dir
 
 
 def test_permutation_is_llama_cpp_rotary_order_and_invertible():
@@ -241,13 +241,15 @@ def _run(args, timeout=900):
 
 
 @needs_shared
-@pytest.mark.parametrize("method,kq,hidden,over,emb", [
-    ("boa", "q2_k", 256, {"mlp.down_proj": "q3_k", "0.self_attn.v_proj": "q8_0"}, None),
-    ("gptq", "q4_k_m", 256, {}, "q4_k"), ("boa", "q3_k", 96, {}, None), ("gptq", "q6_k", 96, {}, "float")])
-def test_run_quant_kquant_exports_a_gguf_that_evaluates_like_the_run(tmp_path, method, kq, hidden, over, emb):
+@pytest.mark.parametrize("method,kq,hidden,over,emb,whole", [
+    ("boa", "q2_k", 256, {"mlp.down_proj": "q3_k", "0.self_attn.v_proj": "q8_0"}, None, True),
+    ("gptq", "q4_k_m", 256, {}, "q4_k", False), ("boa", "q3_k", 96, {}, None, False),
+    ("gptq", "q6_k", 96, {}, "float", False)])
+def test_run_quant_kquant_exports_a_gguf_that_evaluates_like_the_run(tmp_path, method, kq, hidden, over, emb, whole):
     """``run_quant.py --kquant TYPE --export gguf``: the GGUF file's weights are the fake-quantized
-    checkpoint's bit for bit (so run_eval.py gives the same perplexity on both), the run state keeps
-    the stored fields, and a run whose last block file is damaged resumes to the same file. With a
+    checkpoint's bit for bit in every case; on the first (``whole``: each run_eval.py or run_quant.py
+    process costs ~10 s of imports) run_eval.py gives the same perplexity on both and a run whose last
+    block file is damaged resumes to the same file. With a
     hidden size of 96 every layer but down_proj falls back to its 32-column type (Q4_0, Q8_0);
     ``--kquant-type LAYER=TYPE`` gives a layer of every block its own type (llama.cpp's type mixtures).
     The token embedding (tied head) is rounded to llama.cpp's output-head type by default (Q6_K; Q8_0
@@ -283,6 +285,8 @@ def test_run_quant_kquant_exports_a_gguf_that_evaluates_like_the_run(tmp_path, m
     back = load_file(gguf_to_hf(gguf_file, tmp_path / "back") / "model.safetensors")
     for k, v in fake.items():
         assert torch.equal(back[k], v), k
+    if not whole:
+        return
     assert _eval_ppl(out, tmp_path / "fake.json") == _eval_ppl(gguf_file, tmp_path / "gguf.json")
     first = gguf_file.read_bytes()
     blk = out / "quant_state" / "block_0000.safetensors"
@@ -330,7 +334,12 @@ def test_qwen_kquant_gguf_is_the_run_bit_for_bit(tmp_path, family):
 
 
 @needs_shared
-def test_kquant_refusals_come_before_any_work(tmp_path):
+def test_kquant_refusals_come_before_any_work(tmp_path, capsys):
+    """Each bad k-quant option is refused with exit status 2 and its message, and no output directory is
+    made (run_quant.py's ``main`` in this process: ``run_quant_in_process``)."""
+
+    def _run(args):
+        return run_quant_in_process(args, capsys)
     model = _llama256(tmp_path / "m", intermediate=520)      # down_proj: 520 inputs, not a multiple of 32
     base = ["--nsamples", "2", "--seqlen", "32", "--data-dir", DATA, "--device", "cpu"]
     r = _run(["--model", str(model), "--kquant", "q4_k", "--output", str(tmp_path / "a"), *base])

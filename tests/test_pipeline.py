@@ -16,7 +16,7 @@ from lowmem_boa.pipeline import prepare_run, quantize_model
 from lowmem_boa.scheduler import PlanError
 from lowmem_boa.ui import Console
 
-from tiny_models import DATA, REPO, needs_shared, run_quant_killed_after, save_tiny_model
+from tiny_models import DATA, REPO, needs_shared, run_quant_in_process, run_quant_killed_after, save_tiny_model
 
 pytestmark = needs_shared
 
@@ -140,30 +140,33 @@ def _cli(*args, **env):
                           cwd=REPO, env={**os.environ, **env}, timeout=600)
 
 
-def test_bad_input_gets_clear_errors_before_work(tiny_dirs, tmp_path):
+def test_bad_input_gets_clear_errors_before_work(tiny_dirs, tmp_path, capsys):
     out = tmp_path / "o"
-    r = _cli("--model", str(tiny_dirs["llama"]), "--wbits", "5", "--output", str(out))
+    r = _cli("--model", str(tiny_dirs["llama"]), "--wbits", "5", "--output", str(out))   # the script itself
     assert r.returncode == 2 and "--wbits" in r.stderr
-    r = _cli("--model", str(tiny_dirs["llama"]), "--calib-file", str(tmp_path / "missing.txt"), "--output", str(out),
-             "--no-progress")
+
+    def cli(*args):          # the rest in this process (a subprocess spends ~10 s importing)
+        return run_quant_in_process(args, capsys)
+    r = cli("--model", str(tiny_dirs["llama"]), "--calib-file", str(tmp_path / "missing.txt"), "--output", str(out),
+            "--no-progress")
     assert r.returncode == 2 and "missing.txt" in r.stderr and "does not exist" in r.stderr
-    r = _cli("--model", str(tiny_dirs["llama"]), "--data-dir", str(tmp_path), "--output", str(out), "--no-progress")
+    r = cli("--model", str(tiny_dirs["llama"]), "--data-dir", str(tmp_path), "--output", str(out), "--no-progress")
     assert r.returncode == 2 and "missing data file" in r.stderr
-    r = _cli("--model", str(tmp_path / "nope"), "--output", str(out), "--no-progress")
+    r = cli("--model", str(tmp_path / "nope"), "--output", str(out), "--no-progress")
     assert r.returncode == 2 and "does not exist" in r.stderr
     from transformers import GPT2Config
     gdir = tmp_path / "gpt2"
     gdir.mkdir()
     GPT2Config(n_layer=1).save_pretrained(gdir)
-    r = _cli("--model", str(gdir), "--output", str(out), "--no-progress")
+    r = cli("--model", str(gdir), "--output", str(out), "--no-progress")
     assert r.returncode == 2 and "unsupported model" in r.stderr and "Llama" in r.stderr
     assert not out.exists()
     # a non-empty directory that is not ours is never touched
     other = tmp_path / "users_dir"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
-    r = _cli("--model", str(tiny_dirs["llama"]), "--output", str(other), "--data-dir", DATA, "--no-progress",
-             "--nsamples", "2", "--seqlen", "16")
+    r = cli("--model", str(tiny_dirs["llama"]), "--output", str(other), "--data-dir", DATA, "--no-progress",
+            "--nsamples", "2", "--seqlen", "16")
     assert r.returncode == 2 and "not empty" in r.stderr
     assert (other / "notes.txt").read_text() == "mine" and len(list(other.iterdir())) == 1
 

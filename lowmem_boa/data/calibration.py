@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from . import token_cache
+
 DATASETS = ("wikitext2", "ptb", "c4")
 SPLITS = ("train", "valid", "test")
 
@@ -205,16 +207,28 @@ def tokenize_text(tokenizer, text: str, note=None, piece_chars: int = PIECE_CHAR
     return torch.cat(parts)
 
 
+def token_ids(tokenizer, text: str, note=None, piece_chars: int = PIECE_CHARS) -> torch.Tensor:
+    """``tokenize_text``'s ids through the on-disk token cache (``token_cache``): a text is tokenized
+    once per tokenizer; later runs, resumes and evaluations read the ids back."""
+    key = token_cache.cache_key(tokenizer, text, f"tokenize_text piece_chars={piece_chars} check={_CHECK_CHARS}")
+    ids = token_cache.load(key) if key is not None else None
+    if ids is None:
+        ids = tokenize_text(tokenizer, text, note, piece_chars)
+        if key is not None:
+            token_cache.store(key, ids)
+    return ids
+
+
 def calibration_windows(tokenizer, source: TextSource, nsamples: int, seqlen: int, seed: int,
                         note=None) -> torch.Tensor:
     """``(nsamples, seqlen)`` random token windows, GPTQ style, reproducible from ``seed``.
 
-    One long text: tokenized once, windows start at random offsets. Many documents (C4,
+    One long text: tokenized once (and cached: ``token_ids``), windows start at random offsets. Many documents (C4,
     jsonl): a random document long enough for a window, then a random offset inside it.
     """
     rng = random.Random(seed)
     if not source.per_document:
-        ids = tokenize_text(tokenizer, source.docs[0], note)
+        ids = token_ids(tokenizer, source.docs[0], note)
         if ids.numel() <= seqlen:
             raise DataError(f"{source.origin}: {ids.numel()} tokens, fewer than one window of {seqlen}")
         starts = [rng.randint(0, ids.numel() - seqlen - 1) for _ in range(nsamples)]
@@ -240,12 +254,12 @@ C4_EVAL_WINDOWS = 256   # GPTQ's C4 protocol: the first 256 windows of the joine
 def eval_windows(tokenizer, source: TextSource, seqlen: int, max_windows: int | None = None, note=None):
     """Non-overlapping ``seqlen`` windows of the whole split (GPTQ's perplexity protocol).
 
-    One text (WikiText-2, PTB): tokenized once. Documents (C4 validation): joined with spaces as
+    One text (WikiText-2, PTB): tokenized once (cached: ``token_ids``). Documents (C4 validation): joined with spaces as
     GPTQ does and cut to the first 256 windows. Returns ``(n_windows, seqlen)``; the tail shorter
     than a window is dropped.
     """
     text = source.docs[0] if not source.per_document else " ".join(source.docs)
-    ids = tokenize_text(tokenizer, text, note)
+    ids = token_ids(tokenizer, text, note)
     n = ids.numel() // seqlen
     if source.per_document:
         n = min(n, C4_EVAL_WINDOWS)
