@@ -110,16 +110,25 @@ def test_run_eval_reads_fake_quant_and_packed_identically(quantized, tmp_path):
         assert out["fake"]["perplexity"][ds]["windows"] == 8
 
 
-def test_run_eval_bad_input(quantized, tmp_path):
+def test_run_eval_bad_input(quantized, tmp_path, capsys):
     _, q, _ = quantized
-    r = _eval("--model", str(q), "--datasets", "wikitext3", "--data-dir", DATA)
+    r = _eval("--model", str(q), "--datasets", "wikitext3", "--data-dir", DATA)     # the script itself
     assert r.returncode == 2 and "unknown dataset 'wikitext3'" in r.stderr
-    r = _eval("--model", str(q), "--datasets", "ptb", "--data-dir", str(tmp_path))
+
+    def _eval_here(*args):    # the rest in this process (a subprocess spends ~10 s importing)
+        from types import SimpleNamespace
+        from lowmem_boa.cli.evaluate import main
+        try:
+            rc = main(list(args))
+        except SystemExit as e:
+            rc = e.code
+        return SimpleNamespace(returncode=rc, stderr=capsys.readouterr().err)
+    r = _eval_here("--model", str(q), "--datasets", "ptb", "--data-dir", str(tmp_path))
     assert r.returncode == 2 and "missing data file" in r.stderr
-    r = _eval("--model", str(tmp_path), "--datasets", "wikitext2", "--data-dir", DATA)
+    r = _eval_here("--model", str(tmp_path), "--datasets", "wikitext2", "--data-dir", DATA)
     assert r.returncode == 2 and "no config.json" in r.stderr
     export_run(q, "gptq", tmp_path / "gptq", checkpoint_format="gptq_v2")
-    r = _eval("--model", str(tmp_path / "gptq"), "--datasets", "wikitext2", "--data-dir", DATA)
+    r = _eval_here("--model", str(tmp_path / "gptq"), "--datasets", "wikitext2", "--data-dir", DATA)
     assert r.returncode == 2 and "'gptq' checkpoint" in r.stderr
 
 
