@@ -202,7 +202,8 @@ VARIANTS = {
 # BoA's 2-bit default since then. And for act-order (--act-order-col/-row), off until the same A/B at the paper's
 # protocol made it BoA's 2-bit default: "boa-turbo-auto-cap-nbv-g512-colrow" is BoA's 2-bit default since then;
 # column act-order became GPTQ's 2-bit default after its A/B at the reference recipe: "gptq-turbo-col" is GPTQ's
-# 2-bit default since then; at 3 bits the same A/B made "boa-turbo-auto-cap-g512-colrow" BoA's default.
+# 2-bit default since then (and its 3-bit default after the same A/B at 3 bits); at 3 bits the same A/B made
+# "boa-turbo-auto-cap-g512-colrow" BoA's default.
 for _flags in VARIANTS.values():
     if _flags and _flags[:2] == ["--method", "boa"] and not {"--block-v", "--no-block-v"} & set(_flags):
         _flags.append("--block-v")

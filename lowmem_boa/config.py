@@ -53,9 +53,9 @@ def joint_rows_for(rows_per_head: int, joint_rows: int | None) -> int:
 # stories260K (docs/results.md, chosen on its validation text) they lowered 2- and 3-bit perplexity
 # below the paper's BoA and GPTQ, and raised it at 4 bits.
 MLP_ROW_MAX_BITS = 3
-# act-order's default (BoA: column and row; GPTQ: column) per channel up to this many bits: BoA measured at 2
-# and 3 bits, GPTQ at 2 (its 3 bits unmeasured)
-ACT_ORDER_MAX_BITS = {"boa": 3, "gptq": 2}
+# act-order's default (BoA: column and row; GPTQ: column) per channel up to this many bits: both measured at 2
+# and 3 bits (SmolLM2, both texts; 4 bits unmeasured)
+ACT_ORDER_MAX_BITS = {"boa": 3, "gptq": 3}
 BLOCK_V_MIN_BITS = 3   # block_v's default: on from this many bits (SmolLM2: off won at 2 bits, on at 3)
 
 
@@ -71,7 +71,7 @@ class QuantConfig:
                                     # None: off at 2 bits, on from BLOCK_V_MIN_BITS (SmolLM2, docs/results.md),
                                     # resolved by the pipeline
     act_order_col: bool | None = None   # columns swept by decreasing diag(H_col) (GPTQ's desc_act); None: on per
-                                    # channel for BoA at 2-3 bits and GPTQ at 2 (default_act_order_col), resolved
+                                    # channel for BoA and GPTQ at 2-3 bits (default_act_order_col), resolved
                                     # by the pipeline
     act_order_row: bool | None = None   # BoA: rows of a head (or MLP row group) by decreasing diag(H_row); None:
                                     # as the columns for BoA (default_act_order_row)
@@ -222,7 +222,7 @@ class QuantConfig:
         """``act_order_col`` when the flag is not given: on for BoA and GPTQ with one grid per row up to
         ACT_ORDER_MAX_BITS[method] (SmolLM2, both texts, docs/results.md: BoA at 2 bits -24 % WikiText-2 and
         -42 % C4 perplexity at the paper's protocol, at 3 bits -6 % / -10 % at the reference recipe; GPTQ at
-        2 bits -24 % / -29 % at the reference recipe; at the solver's time); off for RTN, with groups (static
+        2 bits -24 % / -29 %, at 3 bits -8 % / -8 % at the reference recipe; at the solver's time); off for RTN, with groups (static
         groups, unmeasured), with --kquant (it fixes the column blocks), with --search-orders (which tries
         every order itself) and above those widths (unmeasured)."""
         return (self.method in ACT_ORDER_MAX_BITS and self.group_size is None and self.kquant is None

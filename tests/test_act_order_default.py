@@ -1,5 +1,5 @@
 """Act-order (--act-order-col / --act-order-row) as BoA's per-channel default at 2 and 3 bits, and column
-act-order as GPTQ's at 2 bits: where it applies,
+act-order as GPTQ's at 2 and 3 bits: where it applies,
 what the user is told, and how a run started before the change resumes. (The solver's act-order paths
 against the slow reference: test_fast_vs_reference.py; their exports: test_export.py.)"""
 
@@ -22,7 +22,8 @@ from tiny_models import SHARED, needs_shared
     (dict(method="boa", kquant="q2_k"), False, False),          # k-quants fix the column blocks
     (dict(method="boa", search_orders=True), False, False),     # the search tries every order itself
     (dict(method="gptq"), True, False),                         # GPTQ has no row order
-    (dict(method="gptq", wbits=3), False, False),               # GPTQ: measured at 2 bits only
+    (dict(method="gptq", wbits=3), True, False),                # measured at 2 and 3 bits
+    (dict(method="gptq", wbits=4), False, False),               # 4 bits: unmeasured
     (dict(method="gptq", group_size=128), False, False),
     (dict(method="gptq", kquant="q4_k"), False, False),
     (dict(method="gptq", search_orders=True), False, False),
@@ -50,7 +51,8 @@ def test_flags_override_the_default_one_by_one():
     assert resolved("--wbits", "3") == (True, True)
     assert resolved("--wbits", "4") == (False, False)
     assert resolved("--wbits", "4", "--act-order-col", "--act-order-row") == (True, True)
-    assert resolved("--method", "gptq", "--wbits", "3") == (False, False)
+    assert resolved("--method", "gptq", "--wbits", "3") == (True, False)
+    assert resolved("--method", "gptq", "--wbits", "4") == (False, False)
     with pytest.raises(ValueError, match="--act-order-col"):
         QuantConfig(model="m", kquant="q2_k", act_order_col=True).validate()
 
@@ -60,7 +62,8 @@ def test_plan_resolves_and_says_so():
     model = str(SHARED / "models" / "stories260K")
     for kw, on in ((dict(method="boa"), True), (dict(method="boa", wbits=3), True), (dict(method="boa", wbits=4), False),
                    (dict(method="gptq"), True),
-                   (dict(method="gptq", wbits=3), False), (dict(method="rtn"), None)):
+                   (dict(method="gptq", wbits=3), True), (dict(method="gptq", wbits=4), False),
+                   (dict(method="rtn"), None)):
         qc = QuantConfig(model=model, **kw)
         notes = prepare_run(qc, RunOptions(device="cpu", plan_only=True, progress=False)).notes
         said = [n for n in notes if "act-order" in n]
@@ -88,14 +91,15 @@ def test_a_run_started_before_the_change_is_refused_with_the_flags_that_resume_i
     resumed = parse(["--model", "m", "--no-act-order-col", "--no-act-order-row"])[0]
     resolve_defaults(resumed)
     assert RunState.check_output(tmp_path / "out", resumed.state_dict(), overwrite=False) == "resume"
-    # GPTQ at 2 bits per channel: its columns only
-    old = QuantConfig(model="m", method="gptq", act_order_col=False)
-    new = QuantConfig(model="m", method="gptq")
-    resolve_defaults(old), resolve_defaults(new)
-    (state / MANIFEST).write_text(json.dumps({"key": config_key(old.state_dict()), "config": old.state_dict()}))
-    with pytest.raises(StateError, match="differs in: act_order_col; the default of --act-order-col changed .* "
-                                         r"pass --no-act-order-col to resume it\)"):
-        RunState.check_output(tmp_path / "out", new.state_dict(), overwrite=False)
+    # GPTQ at 2 and 3 bits per channel: its columns only
+    for wbits in (2, 3):
+        old = QuantConfig(model="m", method="gptq", wbits=wbits, act_order_col=False)
+        new = QuantConfig(model="m", method="gptq", wbits=wbits)
+        resolve_defaults(old), resolve_defaults(new)
+        (state / MANIFEST).write_text(json.dumps({"key": config_key(old.state_dict()), "config": old.state_dict()}))
+        with pytest.raises(StateError, match="differs in: act_order_col; the default of --act-order-col changed .* "
+                                             r"pass --no-act-order-col to resume it\)"):
+            RunState.check_output(tmp_path / "out", new.state_dict(), overwrite=False)
     # BoA at 3 bits per channel (act-order since its 3-bit A/B): both orders, as at 2 bits
     old = QuantConfig(model="m", wbits=3, act_order_col=False, act_order_row=False)
     new = QuantConfig(model="m", wbits=3)
@@ -108,7 +112,7 @@ def test_a_run_started_before_the_change_is_refused_with_the_flags_that_resume_i
     resolve_defaults(resumed)
     assert RunState.check_output(tmp_path / "out", resumed.state_dict(), overwrite=False) == "resume"
     # configurations the change does not touch keep their key
-    for kw in (dict(method="gptq", wbits=3), dict(method="gptq", group_size=128), dict(method="rtn"),
+    for kw in (dict(method="gptq", wbits=4), dict(method="gptq", group_size=128), dict(method="rtn"),
                dict(method="boa", wbits=4), dict(method="boa", group_size=64)):
         a, b = QuantConfig(model="m", **kw), QuantConfig(model="m", act_order_col=False, act_order_row=False, **kw)
         resolve_defaults(a), resolve_defaults(b)

@@ -89,14 +89,20 @@ def test_variant_names_keep_the_solver_they_were_measured_with():
     assert (three.block_v, three.act_order_col, three.act_order_row) == (True, True, True)
     before = qc("boa-turbo-auto-cap-g512")
     assert (before.block_v, before.act_order_col, before.act_order_row, before.mlp_row_group) == (True, False, False, 512)
-    # GPTQ: column act-order off in every row measured before it became the 2-bit default; "gptq-turbo-col" is
-    # the default
+    # GPTQ: column act-order off in every row measured before it became the 2-bit (then 3-bit) default;
+    # "gptq-turbo-col" is the default
     assert qc("gptq-turbo").act_order_col is False and qc("gptq").act_order_col is False
     col = qc("gptq-turbo-col")
     resolve_defaults(col), resolve_defaults(gptq_default)
     a, b = col.state_dict(), gptq_default.state_dict()
     differ = {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)}
     assert differ == {"fp_max_shift"}, differ    # (no guard of the fp targets, as gptq-turbo's rows)
+    # and at 3 bits (GPTQ's 3-bit default since its A/B at the reference recipe)
+    col3 = parse(["--model", "m", *quality.OLD_SOLVER, *quality.VARIANTS["gptq-turbo-col"], "--wbits", "3"])[0]
+    gptq3 = parse(["--model", "m", "--method", "gptq", "--wbits", "3"])[0]
+    resolve_defaults(col3), resolve_defaults(gptq3)
+    a, b = col3.state_dict(), gptq3.state_dict()
+    assert {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)} == {"fp_max_shift"}
     colrow = qc("boa-turbo-auto-cap-g512-colrow")
     assert (colrow.act_order_col, colrow.act_order_row, colrow.mlp_row_group) == (True, True, 512)
 

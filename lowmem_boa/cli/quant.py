@@ -57,9 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "on costs the block's largest statistics phase)")
     m.add_argument("--act-order-col", dest="act_order_col", action=argparse.BooleanOptionalAction, default=None,
                    help="quantize columns by decreasing diag(H_col) (GPTQ's desc_act; the exported weights keep the "
-                   "original column order). Default: on with one grid per row for BoA at 2 and 3 bits and GPTQ at 2 bits "
-                   "(SmolLM2, BoA 2-bit at the paper's protocol: -24 %% WikiText-2 and -42 %% C4 perplexity; BoA 3-bit "
-                   "and GPTQ 2-bit at the reference recipe: -6 %% / -10 %% and -24 %% / -29 %%; at the same time, "
+                   "original column order). Default: on with one grid per row for BoA and GPTQ at 2 and 3 bits "
+                   "(SmolLM2, BoA 2-bit at the paper's protocol: -24 %% WikiText-2 and -42 %% C4 perplexity; BoA 3-bit, "
+                   "GPTQ 2-bit and 3-bit at the reference recipe: -6 %% / -10 %%, -24 %% / -29 %% and -8 %% / -8 %%; at the same time, "
                    "docs/results.md), off otherwise")
     m.add_argument("--act-order-row", dest="act_order_row", action=argparse.BooleanOptionalAction, default=None,
                    help="BoA: quantize the rows of a head (or MLP row group) by decreasing diag(H_row). Default: "
