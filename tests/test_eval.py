@@ -15,7 +15,7 @@ from lowmem_boa.export.formats import export_run
 from lowmem_boa.pipeline import quantize_model
 from lowmem_boa.ui import Console
 
-from tiny_models import DATA, REPO, needs_shared, save_tiny_model
+from tiny_models import DATA, REPO, cli_in_process, needs_shared, save_tiny_model
 
 pytestmark = needs_shared
 
@@ -116,13 +116,8 @@ def test_run_eval_bad_input(quantized, tmp_path, capsys):
     assert r.returncode == 2 and "unknown dataset 'wikitext3'" in r.stderr
 
     def _eval_here(*args):    # the rest in this process (a subprocess spends ~10 s importing)
-        from types import SimpleNamespace
         from lowmem_boa.cli.evaluate import main
-        try:
-            rc = main(list(args))
-        except SystemExit as e:
-            rc = e.code
-        return SimpleNamespace(returncode=rc, stderr=capsys.readouterr().err)
+        return cli_in_process(main, args, capsys)
     r = _eval_here("--model", str(q), "--datasets", "ptb", "--data-dir", str(tmp_path))
     assert r.returncode == 2 and "missing data file" in r.stderr
     r = _eval_here("--model", str(tmp_path), "--datasets", "wikitext2", "--data-dir", DATA)

@@ -100,16 +100,21 @@ def smollm2_dir() -> Path:
     return out
 
 
-def run_quant_in_process(args: list, capsys):
-    """``run_quant.py ARGS`` as ``lowmem_boa.cli.quant.main`` in this process (for refusals: a subprocess
-    spends ~10 s importing before it refuses): a namespace with ``returncode`` and ``stderr``."""
+def cli_in_process(main, args: list, capsys):
+    """A CLI's ``main(ARGS)`` in this process (for refusals: a subprocess spends ~10 s importing before it
+    refuses): a namespace with ``returncode`` and ``stderr``, as ``subprocess.run`` gives."""
     from types import SimpleNamespace
-    from lowmem_boa.cli.quant import main
     try:
         rc = main([str(a) for a in args])
     except SystemExit as e:              # argparse's refusals
         rc = e.code
     return SimpleNamespace(returncode=rc, stderr=capsys.readouterr().err)
+
+
+def run_quant_in_process(args: list, capsys):
+    """``run_quant.py ARGS`` in this process (``cli_in_process``)."""
+    from lowmem_boa.cli.quant import main
+    return cli_in_process(main, args, capsys)
 
 
 def run_quant_killed_after(args: list, out: Path, blocks: int, timeout: float = 600) -> int:
