@@ -218,12 +218,17 @@ for _flags in VARIANTS.values():
 STUDIES = {
     "main": {"bits": ["2", "3", "4"], "variants": ["rtn", "gptq-minmax", "llmc-gptq", "gptq", "boa", "boa-noblockv",
                                                    "boa-mlprow"], "nsamples": [None]},
-    # issue 16's protocol matrix: RTN, llm-compressor's GPTQ, GPTQ before/after issue 17, the paper's BoA,
-    # our BoA before issue 17, the default BoA with block_v (boa-turbo-auto) and without it (boa-turbo-auto-cap-nbv,
-    # today's default)
-    "paper": {"bits": ["2", "3", "3g128", "4g128"], "variants": ["rtn", "llmc-gptq", "gptq", "gptq-turbo", "boa",
-                                                                 "boa-default", "boa-turbo-auto",
-                                                                 "boa-turbo-auto-cap-nbv"],
+    # issue 16's protocol matrix: RTN, llm-compressor's GPTQ, GPTQ before/after issue 17 (gptq, gptq-turbo) and
+    # GPTQ's default per channel (gptq-turbo-col; with groups, where act-order is off, gptq-turbo), the paper's BoA,
+    # our BoA before issue 17, earlier defaults (boa-turbo-auto, boa-turbo-auto-cap-nbv) and today's BoA defaults:
+    # at 2 bits boa-turbo-auto-cap-nbv-g512-colrow, at 3 bits boa-turbo-auto-cap-g512-colrow, with groups
+    # boa-turbo-auto-cap-g512 (tests/test_quality_benchmark.py checks each against the CLI's defaults)
+    "paper": {"bits": ["2", "3", "3g128", "4g128"], "variants": ["rtn", "llmc-gptq", "gptq", "gptq-turbo",
+                                                                 "gptq-turbo-col", "boa", "boa-default",
+                                                                 "boa-turbo-auto", "boa-turbo-auto-cap-nbv",
+                                                                 "boa-turbo-auto-cap-nbv-g512-colrow",
+                                                                 "boa-turbo-auto-cap-g512-colrow",
+                                                                 "boa-turbo-auto-cap-g512"],
               "nsamples": [None]},
     "ab": {"bits": ["2"], "variants": ["gptq-seq", "gptq", "boa-seq", "boa", "boa-seq-novrow", "boa-novrow",
                                        "gptq-seq-damp03", "boa-seq-damp03", "gptq-seq-damp10", "boa-seq-damp10"],

@@ -105,6 +105,23 @@ def test_variant_names_keep_the_solver_they_were_measured_with():
     assert {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)} == {"fp_max_shift"}
     colrow = qc("boa-turbo-auto-cap-g512-colrow")
     assert (colrow.act_order_col, colrow.act_order_row, colrow.mlp_row_group) == (True, True, 512)
+    # with groups of 128 (the paper matrix's 3g128 / 4g128 rows), where act-order is off by default:
+    # "boa-turbo-auto-cap-g512" is BoA's default and "gptq-turbo" GPTQ's (less the guard, as above)
+    for bits in ("3g128", "4g128"):
+        flags = quality.bits_flags(bits)
+        boa_g = parse(["--model", "m", *quality.OLD_SOLVER, *quality.VARIANTS["boa-turbo-auto-cap-g512"], *flags])[0]
+        boa_d = parse(["--model", "m", *flags])[0]
+        gptq_g = parse(["--model", "m", *quality.OLD_SOLVER, *quality.VARIANTS["gptq-turbo"], *flags])[0]
+        gptq_d = parse(["--model", "m", "--method", "gptq", *flags])[0]
+        for c in (boa_g, boa_d, gptq_g, gptq_d):
+            resolve_defaults(c)
+        assert {k for k in vars(boa_d) if getattr(boa_g, k) != getattr(boa_d, k)} == set(), bits
+        a, b = gptq_g.state_dict(), gptq_d.state_dict()
+        assert {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)} == {"fp_max_shift"}, bits
+        assert (boa_d.group_size, boa_d.act_order_col, boa_d.block_v) == (128, False, True)
+        assert boa_d.mlp_row_hessian is (bits == "3g128")       # MLP row Hessians up to 3 bits
+    assert set(quality.STUDIES["paper"]["variants"]) >= {"gptq-turbo-col", "boa-turbo-auto-cap-nbv-g512-colrow",
+                                                         "boa-turbo-auto-cap-g512-colrow", "boa-turbo-auto-cap-g512"}
 
 
 def test_two_studies_of_one_profile_keep_each_others_rows(tmp_path):
