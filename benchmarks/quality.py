@@ -5,6 +5,7 @@ every evaluation text of the model's profile, resumable, two single-thread jobs 
     python benchmarks/quality.py --profile smollm2-135m --study main --seeds 0,1 --bits 2   # the paper's protocol
     python benchmarks/quality.py --profile stories260K --study main                           # 5 seeds
     python benchmarks/quality.py --profile smollm2-135m-ref --report                          # tables (+ plot)
+    python benchmarks/quality.py --profile smollm2-135m-fast --report --study paper           # + the study's matrix
 
 Profiles (``PROFILES``) fix what belongs to a model: its checkpoint, calibration text, evaluation
 texts, sequence length, calibration windows and how many evaluation windows are read:
@@ -446,6 +447,23 @@ def markdown(summary: list[dict], fp: dict, texts: list[str], ref: str = "gptq")
     return "\n".join(lines)
 
 
+def matrix(summary: list[dict], fp: dict, texts: list[str], variants: list[str], bits: list[str],
+           nsamples: int) -> str:
+    """A study's plan as a table, measured or not: one row per variant (the study's order), one column per
+    bit width; a cell is each text's mean over the seeds measured with ``nsamples`` calibration windows,
+    and the seeds. "–" marks a cell not yet measured, so a half-finished matrix says what is left."""
+    lines = ["fp: " + (" / ".join(f"{fp[t]:.3f}" for t in texts) if fp else "not measured"), "",
+             "| variant | " + " | ".join(bits) + " |", "|---|" + "---|" * len(bits)]
+    for v in variants:
+        cells = []
+        for b in bits:
+            s = next((s for s in summary if s["variant"] == v and s["bits"] == b and s["nsamples"] == nsamples), None)
+            cells.append("–" if s is None else " / ".join(f"{s[t]['mean']:,.2f}" for t in texts)
+                         + f" (seed{'s' if len(s['seeds']) > 1 else ''} {','.join(map(str, s['seeds']))})")
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def errors_table(runs: list[dict], text: str, key: str = "rel_error", ref: str = "gptq") -> str:
     """Per (bits, variant): a per-block error (``key``) on ``text`` averaged over seeds, and / ``ref``."""
     acc: dict = {}
@@ -613,7 +631,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", choices=sorted(PROFILES), required=True)
     ap.add_argument("--study", choices=sorted(STUDIES))
-    ap.add_argument("--report", action="store_true", help="only print the tables and write the plot")
+    ap.add_argument("--report", action="store_true",
+                    help="only print the tables and write the plot (with --study: first its matrix, measured or not)")
     ap.add_argument("--seeds", default="0,1,2,3,4")
     ap.add_argument("--bits", default=None, help="override the study's bit widths, e.g. 2,3,4g128")
     ap.add_argument("--variants", default=None, help="override the study's variants")
@@ -635,6 +654,13 @@ def main(argv=None):
     data = load_results(out, profile)
     if args.report:
         summary = summarize(data["runs"], texts)
+        if args.study:      # the study's matrix (--bits / --variants narrow it), then the full tables
+            st = STUDIES[args.study]
+            print(f"{args.study} study ({' / '.join(texts)}):\n"
+                  + matrix(summary, data.get("fp") or {}, texts,
+                           args.variants.split(",") if args.variants else st["variants"],
+                           args.bits.split(",") if args.bits else st["bits"],
+                           int(args.nsamples) if args.nsamples else profile["nsamples"]) + "\n")
         print(markdown(summary, data["fp"], texts))
         for t in texts:
             if any(t in r.get("errors", {}) for r in data["runs"]):

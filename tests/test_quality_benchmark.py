@@ -165,3 +165,16 @@ def test_compound_error_is_zero_for_the_fp_model_and_grafted_blocks_come_from_th
     assert res["fp+noisy:1"] == res["noisy"] and res["noisy+fp:1"] == res["same"]
     assert all(e == [0, 0] for e in res["same"]["layers"].values())
     assert all(0 < e[0] and 0 < e[1] for e in res["noisy"]["layers"].values())
+
+
+def test_the_matrix_shows_every_cell_of_a_study_measured_or_not():
+    rows = [{"variant": v, "bits": b, "seed": s, "nsamples": n, "ppl": {"a": p, "b": 2 * p}, "quant_seconds": 1.0}
+            for v, b, s, n, p in (("gptq", "2", 0, 8, 10.0), ("gptq", "2", 1, 8, 14.0), ("boa", "3", 0, 8, 5.0),
+                                  ("boa", "2", 0, 16, 99.0))]
+    table = quality.matrix(quality.summarize(rows, ["a", "b"]), {"a": 1.0, "b": 2.0}, ["a", "b"],
+                           ["gptq", "boa", "rtn"], ["2", "3"], 8)
+    lines = table.splitlines()
+    assert lines[0] == "fp: 1.000 / 2.000"
+    assert "| gptq | 12.00 / 24.00 (seeds 0,1) | – |" in lines     # the mean of the seeds measured
+    assert "| boa | – | 5.00 / 10.00 (seed 0) |" in lines            # the 16-window run is another protocol
+    assert "| rtn | – | – |" in lines
