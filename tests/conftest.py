@@ -15,3 +15,14 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["MKL_NUM_THREADS"] = _threads
     import torch
     torch.set_num_threads(int(_threads))
+
+
+# The files whose tests take minutes go first. pytest-xdist (--dist loadfile) hands files to the workers
+# in collection order; the SmolLM2 end-to-end tests (~5 min each) taken late leave the other worker idle
+# at the end. Longest first, the rest in their usual order (the sort is stable).
+_LONG_FILES = ("test_smollm2_quality.py", "test_smollm2.py", "test_gguf.py", "test_e2e_real.py", "test_pipeline.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(_LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(_LONG_FILES)))
