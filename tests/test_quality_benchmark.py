@@ -43,6 +43,17 @@ def test_older_rows_are_read_in_the_new_schema_and_ratios_use_the_same_seeds():
     assert "| – |" in table
 
 
+def _options_differ(a, b) -> set:
+    """The options (QuantConfig fields) in which two resolved configurations differ."""
+    return {k for k in vars(b) if getattr(a, k) != getattr(b, k)}
+
+
+def _state_differs(a, b) -> set:
+    """The keys in which two configurations' saved states (what a resume compares) differ."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return {k for k in sa.keys() | sb.keys() if sa.get(k) != sb.get(k)}
+
+
 def test_variant_names_keep_the_solver_they_were_measured_with():
     """Variants run on top of the pre-issue-17 solver unless they spell the corrections out:
     "gptq"/"boa-default" stay the earlier defaults their rows measured; "gptq-turbo"/"boa-turbo-auto"
@@ -77,14 +88,14 @@ def test_variant_names_keep_the_solver_they_were_measured_with():
     assert default.act_order_col is None and default.act_order_row is None
     from lowmem_boa.pipeline import resolve_defaults
     resolve_defaults(now), resolve_defaults(default)
-    differ = {k for k in vars(default) if getattr(now, k) != getattr(default, k)}
+    differ = _options_differ(now, default)
     assert differ == set(), differ      # the 2-bit default BoA, option for option (once resolved)
     # at 3 bits: block_v on, act-order (column + row), MLP row groups of 512 ("boa-turbo-auto-cap-g512-colrow");
     # "boa-turbo-auto-cap-g512" (no act-order) was the 3-bit default before its A/B
     three, default3 = (parse(["--model", "m", *quality.OLD_SOLVER, *quality.VARIANTS["boa-turbo-auto-cap-g512-colrow"],
                               "--wbits", "3"])[0], parse(["--model", "m", "--wbits", "3"])[0])
     resolve_defaults(three), resolve_defaults(default3)
-    differ = {k for k in vars(default3) if getattr(three, k) != getattr(default3, k)}
+    differ = _options_differ(three, default3)
     assert differ == set(), differ
     assert (three.block_v, three.act_order_col, three.act_order_row) == (True, True, True)
     before = qc("boa-turbo-auto-cap-g512")
@@ -94,15 +105,13 @@ def test_variant_names_keep_the_solver_they_were_measured_with():
     assert qc("gptq-turbo").act_order_col is False and qc("gptq").act_order_col is False
     col = qc("gptq-turbo-col")
     resolve_defaults(col), resolve_defaults(gptq_default)
-    a, b = col.state_dict(), gptq_default.state_dict()
-    differ = {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)}
+    differ = _state_differs(col, gptq_default)
     assert differ == {"fp_max_shift"}, differ    # (no guard of the fp targets, as gptq-turbo's rows)
     # and at 3 bits (GPTQ's 3-bit default since its A/B at the reference recipe)
     col3 = parse(["--model", "m", *quality.OLD_SOLVER, *quality.VARIANTS["gptq-turbo-col"], "--wbits", "3"])[0]
     gptq3 = parse(["--model", "m", "--method", "gptq", "--wbits", "3"])[0]
     resolve_defaults(col3), resolve_defaults(gptq3)
-    a, b = col3.state_dict(), gptq3.state_dict()
-    assert {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)} == {"fp_max_shift"}
+    assert _state_differs(col3, gptq3) == {"fp_max_shift"}
     colrow = qc("boa-turbo-auto-cap-g512-colrow")
     assert (colrow.act_order_col, colrow.act_order_row, colrow.mlp_row_group) == (True, True, 512)
     # with groups of 128 (the paper matrix's 3g128 / 4g128 rows), where act-order is off by default:
@@ -115,9 +124,8 @@ def test_variant_names_keep_the_solver_they_were_measured_with():
         gptq_d = parse(["--model", "m", "--method", "gptq", *flags])[0]
         for c in (boa_g, boa_d, gptq_g, gptq_d):
             resolve_defaults(c)
-        assert {k for k in vars(boa_d) if getattr(boa_g, k) != getattr(boa_d, k)} == set(), bits
-        a, b = gptq_g.state_dict(), gptq_d.state_dict()
-        assert {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)} == {"fp_max_shift"}, bits
+        assert _options_differ(boa_g, boa_d) == set(), bits
+        assert _state_differs(gptq_g, gptq_d) == {"fp_max_shift"}, bits
         assert (boa_d.group_size, boa_d.act_order_col, boa_d.block_v) == (128, False, True)
         assert boa_d.mlp_row_hessian is (bits == "3g128")       # MLP row Hessians up to 3 bits
     assert set(quality.STUDIES["paper"]["variants"]) >= {"gptq-turbo-col", "boa-turbo-auto-cap-nbv-g512-colrow",
