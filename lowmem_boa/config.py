@@ -53,8 +53,8 @@ def joint_rows_for(rows_per_head: int, joint_rows: int | None) -> int:
 # stories260K (docs/results.md, chosen on its validation text) they lowered 2- and 3-bit perplexity
 # below the paper's BoA and GPTQ, and raised it at 4 bits.
 MLP_ROW_MAX_BITS = 3
-# act-order's default (BoA: column and row; GPTQ: column) per channel up to this many bits: both measured at 2
-# and 3 bits (SmolLM2, both texts; 4 bits unmeasured)
+# act-order's default (BoA: column and row; GPTQ: column) up to this many bits, per channel and with groups:
+# measured at 2 and 3 bits per channel and at 3 bits with groups of 128 (SmolLM2, both texts; 4 bits unmeasured)
 ACT_ORDER_MAX_BITS = {"boa": 3, "gptq": 3}
 BLOCK_V_MIN_BITS = 3   # block_v's default: on from this many bits (SmolLM2: off won at 2 bits, on at 3)
 
@@ -70,9 +70,9 @@ class QuantConfig:
     block_v: bool | None = None     # BoA: V's per-head attention-weighted column Hessian (the paper's Table 1);
                                     # None: off at 2 bits, on from BLOCK_V_MIN_BITS (SmolLM2, docs/results.md),
                                     # resolved by the pipeline
-    act_order_col: bool | None = None   # columns swept by decreasing diag(H_col) (GPTQ's desc_act); None: on per
-                                    # channel for BoA and GPTQ at 2-3 bits (default_act_order_col), resolved
-                                    # by the pipeline
+    act_order_col: bool | None = None   # columns swept by decreasing diag(H_col) (GPTQ's desc_act); None: on
+                                    # for BoA and GPTQ at 2-3 bits, per channel and with groups
+                                    # (default_act_order_col), resolved by the pipeline
     act_order_row: bool | None = None   # BoA: rows of a head (or MLP row group) by decreasing diag(H_row); None:
                                     # as the columns for BoA (default_act_order_row)
     search_orders: bool = False
@@ -219,13 +219,14 @@ class QuantConfig:
         return self.method == "boa" and self.wbits <= MLP_ROW_MAX_BITS
 
     def default_act_order_col(self) -> bool:
-        """``act_order_col`` when the flag is not given: on for BoA and GPTQ with one grid per row up to
-        ACT_ORDER_MAX_BITS[method] (SmolLM2, both texts, docs/results.md: BoA at 2 bits -24 % WikiText-2 and
-        -42 % C4 perplexity at the paper's protocol, at 3 bits -6 % / -10 % at the reference recipe; GPTQ at
-        2 bits -24 % / -29 %, at 3 bits -8 % / -8 % at the reference recipe; at the solver's time); off for RTN, with groups (static
-        groups, unmeasured), with --kquant (it fixes the column blocks), with --search-orders (which tries
-        every order itself) and above those widths (unmeasured)."""
-        return (self.method in ACT_ORDER_MAX_BITS and self.group_size is None and self.kquant is None
+        """``act_order_col`` when the flag is not given: on for BoA and GPTQ up to ACT_ORDER_MAX_BITS[method],
+        per channel and with groups (static groups) (SmolLM2, both texts, docs/results.md: BoA at 2 bits -24 %
+        WikiText-2 and -42 % C4 perplexity at the paper's protocol, at 3 bits -6 % / -10 % at the reference
+        recipe; GPTQ at 2 bits -24 % / -29 %, at 3 bits -8 % / -8 % at the reference recipe; with groups of 128
+        at 3 bits, reference recipe, seeds 0-1: BoA -1.6 % / -3.9 %, GPTQ -4.8 % / -7.4 %; at the solver's time);
+        off for RTN, with --kquant (it fixes the column blocks), with --search-orders (which tries every order
+        itself) and above those widths (unmeasured)."""
+        return (self.method in ACT_ORDER_MAX_BITS and self.kquant is None
                 and not self.search_orders and self.wbits <= ACT_ORDER_MAX_BITS[self.method])
 
     def default_act_order_row(self) -> bool:
@@ -275,7 +276,7 @@ class QuantConfig:
 # with the old value; resuming it without the flag names the flag (checkpoint.state)
 CHANGED_DEFAULTS = {"block_v": (True, "--block-v"),                    # off at 2 bits since then
                     "mlp_row_group": (128, "--mlp-row-group 128"),     # 512 since then
-                    "act_order_col": (False, "--no-act-order-col"),    # on per channel since then (ACT_ORDER_MAX_BITS)
+                    "act_order_col": (False, "--no-act-order-col"),    # on at 2-3 bits since then (ACT_ORDER_MAX_BITS)
                     "act_order_row": (False, "--no-act-order-row")}
 
 # option -> the value that reproduces the code before it existed (see QuantConfig.state_dict)

@@ -110,7 +110,7 @@ def resolve_defaults(qc: QuantConfig) -> list[str]:
                     f"at {qc.wbits} bits (default: from {BLOCK_V_MIN_BITS} bits; --block-v / --no-block-v to choose)"),
         ("act_order_col", qc.default_act_order_col, solves and not qc.search_orders,
          lambda on: f"columns swept {'by decreasing diag(H_col) (act-order)' if on else 'in order'} (default: "
-                    f"act-order per channel up to {ACT_ORDER_MAX_BITS.get(qc.method)} bits; --act-order-col / "
+                    f"act-order up to {ACT_ORDER_MAX_BITS.get(qc.method)} bits; --act-order-col / "
                     "--no-act-order-col)"),
         ("act_order_row", qc.default_act_order_row, boa and not qc.search_orders,
          lambda on: f"BoA: rows of a head swept {'by decreasing diag(H_row) (act-order)' if on else 'in order'} "

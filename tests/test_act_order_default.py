@@ -1,5 +1,5 @@
-"""Act-order (--act-order-col / --act-order-row) as BoA's per-channel default at 2 and 3 bits, and column
-act-order as GPTQ's at 2 and 3 bits: where it applies,
+"""Act-order (--act-order-col / --act-order-row) as BoA's default at 2 and 3 bits, and column act-order as
+GPTQ's at 2 and 3 bits, per channel and with groups (static groups): where it applies,
 what the user is told, and how a run started before the change resumes. (The solver's act-order paths
 against the slow reference: test_fast_vs_reference.py; their exports: test_export.py.)"""
 
@@ -18,13 +18,17 @@ from tiny_models import SHARED, needs_shared
     (dict(method="boa"), True, True),
     (dict(method="boa", wbits=3), True, True),                  # measured at 2 and 3 bits
     (dict(method="boa", wbits=4), False, False),                # 4 bits: unmeasured
-    (dict(method="boa", group_size=64), False, False),          # static groups: unmeasured
+    (dict(method="boa", group_size=64), True, True),            # static groups: measured at 3g128
+    (dict(method="boa", wbits=3, group_size=128), True, True),
+    (dict(method="boa", wbits=4, group_size=128), False, False),  # 4 bits: unmeasured
     (dict(method="boa", kquant="q2_k"), False, False),          # k-quants fix the column blocks
     (dict(method="boa", search_orders=True), False, False),     # the search tries every order itself
     (dict(method="gptq"), True, False),                         # GPTQ has no row order
     (dict(method="gptq", wbits=3), True, False),                # measured at 2 and 3 bits
     (dict(method="gptq", wbits=4), False, False),               # 4 bits: unmeasured
-    (dict(method="gptq", group_size=128), False, False),
+    (dict(method="gptq", group_size=128), True, False),
+    (dict(method="gptq", wbits=3, group_size=128), True, False),
+    (dict(method="gptq", wbits=4, group_size=128), False, False),
     (dict(method="gptq", kquant="q4_k"), False, False),
     (dict(method="gptq", search_orders=True), False, False),
     (dict(method="rtn"), False, False),
@@ -53,6 +57,10 @@ def test_flags_override_the_default_one_by_one():
     assert resolved("--wbits", "4", "--act-order-col", "--act-order-row") == (True, True)
     assert resolved("--method", "gptq", "--wbits", "3") == (True, False)
     assert resolved("--method", "gptq", "--wbits", "4") == (False, False)
+    assert resolved("--wbits", "3", "--group-size", "128") == (True, True)
+    assert resolved("--wbits", "3", "--group-size", "128", "--no-act-order-col") == (False, True)
+    assert resolved("--method", "gptq", "--wbits", "3", "--group-size", "128") == (True, False)
+    assert resolved("--wbits", "4", "--group-size", "128") == (False, False)
     with pytest.raises(ValueError, match="--act-order-col"):
         QuantConfig(model="m", kquant="q2_k", act_order_col=True).validate()
 
@@ -111,9 +119,26 @@ def test_a_run_started_before_the_change_is_refused_with_the_flags_that_resume_i
     resumed = parse(["--model", "m", "--wbits", "3", "--no-act-order-col", "--no-act-order-row"])[0]
     resolve_defaults(resumed)
     assert RunState.check_output(tmp_path / "out", resumed.state_dict(), overwrite=False) == "resume"
+    # with groups at 2-3 bits (act-order since the 3g128 A/B): the same refusals and the same flags resume
+    for method, wbits, flags in (("boa", 3, ["--no-act-order-col", "--no-act-order-row"]),
+                                 ("boa", 2, ["--no-act-order-col", "--no-act-order-row"]),
+                                 ("gptq", 3, ["--no-act-order-col"])):
+        boa = method == "boa"
+        old = QuantConfig(model="m", method=method, wbits=wbits, group_size=128, act_order_col=False,
+                          act_order_row=False if boa else None)
+        new = QuantConfig(model="m", method=method, wbits=wbits, group_size=128)
+        resolve_defaults(old), resolve_defaults(new)
+        (state / MANIFEST).write_text(json.dumps({"key": config_key(old.state_dict()), "config": old.state_dict()}))
+        differ = "act_order_col, act_order_row" if boa else "act_order_col"
+        with pytest.raises(StateError, match=f"differs in: {differ}; .* pass --no-act-order-col to resume it"):
+            RunState.check_output(tmp_path / "out", new.state_dict(), overwrite=False)
+        resumed = parse(["--model", "m", "--method", method, "--wbits", str(wbits), "--group-size", "128", *flags])[0]
+        resolve_defaults(resumed)
+        assert RunState.check_output(tmp_path / "out", resumed.state_dict(), overwrite=False) == "resume"
     # configurations the change does not touch keep their key
-    for kw in (dict(method="gptq", wbits=4), dict(method="gptq", group_size=128), dict(method="rtn"),
-               dict(method="boa", wbits=4), dict(method="boa", group_size=64)):
+    for kw in (dict(method="gptq", wbits=4), dict(method="gptq", wbits=4, group_size=128), dict(method="rtn"),
+               dict(method="rtn", group_size=128), dict(method="boa", wbits=4),
+               dict(method="boa", wbits=4, group_size=128)):
         a, b = QuantConfig(model="m", **kw), QuantConfig(model="m", act_order_col=False, act_order_row=False, **kw)
         resolve_defaults(a), resolve_defaults(b)
         assert a.state_dict() == b.state_dict(), kw

@@ -114,20 +114,24 @@ def test_variant_names_keep_the_solver_they_were_measured_with():
     assert _state_differs(col3, gptq3) == {"fp_max_shift"}
     colrow = qc("boa-turbo-auto-cap-g512-colrow")
     assert (colrow.act_order_col, colrow.act_order_row, colrow.mlp_row_group) == (True, True, 512)
-    # with groups of 128 (the paper matrix's 3g128 / 4g128 rows), where act-order is off by default:
-    # "boa-turbo-auto-cap-g512" is BoA's default and "gptq-turbo" GPTQ's (less the guard, as above)
-    for bits in ("3g128", "4g128"):
+    # with groups of 128 (the paper matrix's 3g128 / 4g128 rows): act-order on at 3 bits (since the 3g128 A/B),
+    # off at 4: "boa-turbo-auto-cap-g512-colrow" / "gptq-turbo-col" are the 3g128 defaults (GPTQ less the guard,
+    # as above), "boa-turbo-auto-cap-g512" / "gptq-turbo" the 4g128 ones
+    for bits, boa_v, gptq_v in (("3g128", "boa-turbo-auto-cap-g512-colrow", "gptq-turbo-col"),
+                                ("4g128", "boa-turbo-auto-cap-g512", "gptq-turbo")):
         flags = quality.bits_flags(bits)
-        boa_g = parse(["--model", "m", *quality.OLD_SOLVER, *quality.VARIANTS["boa-turbo-auto-cap-g512"], *flags])[0]
+        boa_g = parse(["--model", "m", *quality.OLD_SOLVER, *quality.VARIANTS[boa_v], *flags])[0]
         boa_d = parse(["--model", "m", *flags])[0]
-        gptq_g = parse(["--model", "m", *quality.OLD_SOLVER, *quality.VARIANTS["gptq-turbo"], *flags])[0]
+        gptq_g = parse(["--model", "m", *quality.OLD_SOLVER, *quality.VARIANTS[gptq_v], *flags])[0]
         gptq_d = parse(["--model", "m", "--method", "gptq", *flags])[0]
         for c in (boa_g, boa_d, gptq_g, gptq_d):
             resolve_defaults(c)
         assert _options_differ(boa_g, boa_d) == set(), bits
         assert _state_differs(gptq_g, gptq_d) == {"fp_max_shift"}, bits
-        assert (boa_d.group_size, boa_d.act_order_col, boa_d.block_v) == (128, False, True)
-        assert boa_d.mlp_row_hessian is (bits == "3g128")       # MLP row Hessians up to 3 bits
+        on = bits == "3g128"
+        assert (boa_d.group_size, boa_d.act_order_col, boa_d.act_order_row, boa_d.block_v) == (128, on, on, True)
+        assert gptq_d.act_order_col is on
+        assert boa_d.mlp_row_hessian is on       # MLP row Hessians up to 3 bits
     assert set(quality.STUDIES["paper"]["variants"]) >= {"gptq-turbo-col", "boa-turbo-auto-cap-nbv-g512-colrow",
                                                          "boa-turbo-auto-cap-g512-colrow", "boa-turbo-auto-cap-g512"}
 
