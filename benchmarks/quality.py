@@ -346,9 +346,12 @@ def run_one(job: dict) -> dict:
                                       job["nsamples"], profile["seqlen"], job["seed"])
             torch.save(ids, out / "calib.pt")
             env = {**os.environ, "OMP_NUM_THREADS": str(job["threads"])}
-            subprocess.run([str(LLMC_VENV / "bin" / "python"), str(REPO / "benchmarks" / "llmc_gptq.py"), "--model",
-                            str(mdir), "--calib", str(out / "calib.pt"), *llmc_bits(job["bits"]), "--out",
-                            str(qdir)], check=True, capture_output=True, env=env)
+            # llm-compressor's own progress (an hour or more per run at the paper's protocol on one thread, and
+            # not resumable) goes to llmc.log beside the checkpoint, so a long run can be followed
+            with open(out / "llmc.log", "w") as log:
+                subprocess.run([str(LLMC_VENV / "bin" / "python"), str(REPO / "benchmarks" / "llmc_gptq.py"),
+                                "--model", str(mdir), "--calib", str(out / "calib.pt"), *llmc_bits(job["bits"]),
+                                "--out", str(qdir)], check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
     else:
         from lowmem_boa.cli.quant import main as quant_main
         # no --overwrite: a run killed halfway resumes from its finished blocks (same configuration)
