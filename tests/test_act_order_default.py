@@ -83,59 +83,40 @@ def test_plan_resolves_and_says_so():
             assert len(said) == 1 + rows and all(("by decreasing" in n) is on for n in said), said
 
 
-def test_a_run_started_before_the_change_is_refused_with_the_flags_that_resume_it(tmp_path):
+def test_the_changed_defaults_are_the_act_orders_and_were_off():
     assert CHANGED_DEFAULTS["act_order_col"][0] is False and CHANGED_DEFAULTS["act_order_row"][0] is False
-    old = QuantConfig(model="m", act_order_col=False, act_order_row=False)    # the key such a run has
-    new = QuantConfig(model="m")
+
+
+@pytest.mark.parametrize("method, wbits, group", [
+    ("boa", 2, None), ("boa", 3, None),              # BoA per channel: both orders
+    ("gptq", 2, None), ("gptq", 3, None),            # GPTQ per channel: its columns only
+    ("boa", 2, 128), ("boa", 3, 128), ("gptq", 3, 128),   # with groups (act-order since the 3g128 A/B)
+])
+def test_a_run_started_before_the_change_is_refused_with_the_flags_that_resume_it(tmp_path, method, wbits, group):
+    boa = method == "boa"
+    grouped = {} if group is None else {"group_size": group}
+    old = QuantConfig(model="m", method=method, wbits=wbits, act_order_col=False,       # the key such a run has
+                      act_order_row=False if boa else None, **grouped)
+    new = QuantConfig(model="m", method=method, wbits=wbits, **grouped)
     resolve_defaults(old), resolve_defaults(new)
-    old, new = old.state_dict(), new.state_dict()
     state = tmp_path / "out" / STATE_DIR
     state.mkdir(parents=True)
-    (state / MANIFEST).write_text(json.dumps({"key": config_key(old), "config": old}))
-    with pytest.raises(StateError, match="differs in: act_order_col, act_order_row; the default of --act-order-col "
-                                         "changed .* pass --no-act-order-col to resume it; the default of "
-                                         "--act-order-row changed .* pass --no-act-order-row to resume it"):
-        RunState.check_output(tmp_path / "out", new, overwrite=False)
-    resumed = parse(["--model", "m", "--no-act-order-col", "--no-act-order-row"])[0]
-    resolve_defaults(resumed)
-    assert RunState.check_output(tmp_path / "out", resumed.state_dict(), overwrite=False) == "resume"
-    # GPTQ at 2 and 3 bits per channel: its columns only
-    for wbits in (2, 3):
-        old = QuantConfig(model="m", method="gptq", wbits=wbits, act_order_col=False)
-        new = QuantConfig(model="m", method="gptq", wbits=wbits)
-        resolve_defaults(old), resolve_defaults(new)
-        (state / MANIFEST).write_text(json.dumps({"key": config_key(old.state_dict()), "config": old.state_dict()}))
-        with pytest.raises(StateError, match="differs in: act_order_col; the default of --act-order-col changed .* "
-                                             r"pass --no-act-order-col to resume it\)"):
-            RunState.check_output(tmp_path / "out", new.state_dict(), overwrite=False)
-    # BoA at 3 bits per channel (act-order since its 3-bit A/B): both orders, as at 2 bits
-    old = QuantConfig(model="m", wbits=3, act_order_col=False, act_order_row=False)
-    new = QuantConfig(model="m", wbits=3)
-    resolve_defaults(old), resolve_defaults(new)
     (state / MANIFEST).write_text(json.dumps({"key": config_key(old.state_dict()), "config": old.state_dict()}))
-    with pytest.raises(StateError, match="differs in: act_order_col, act_order_row; .* pass --no-act-order-col to "
-                                         "resume it; .* pass --no-act-order-row to resume it"):
+    message = ("differs in: act_order_col, act_order_row; the default of --act-order-col changed .* pass "
+               "--no-act-order-col to resume it; the default of --act-order-row changed .* pass --no-act-order-row "
+               r"to resume it\)" if boa else
+               r"differs in: act_order_col; the default of --act-order-col changed .* pass --no-act-order-col to "
+               r"resume it\)")
+    with pytest.raises(StateError, match=message):
         RunState.check_output(tmp_path / "out", new.state_dict(), overwrite=False)
-    resumed = parse(["--model", "m", "--wbits", "3", "--no-act-order-col", "--no-act-order-row"])[0]
+    flags = ["--no-act-order-col", "--no-act-order-row"] if boa else ["--no-act-order-col"]
+    argv = ["--model", "m", "--method", method, "--wbits", str(wbits), *flags]
+    resumed = parse(argv + ([] if group is None else ["--group-size", str(group)]))[0]
     resolve_defaults(resumed)
     assert RunState.check_output(tmp_path / "out", resumed.state_dict(), overwrite=False) == "resume"
-    # with groups at 2-3 bits (act-order since the 3g128 A/B): the same refusals and the same flags resume
-    for method, wbits, flags in (("boa", 3, ["--no-act-order-col", "--no-act-order-row"]),
-                                 ("boa", 2, ["--no-act-order-col", "--no-act-order-row"]),
-                                 ("gptq", 3, ["--no-act-order-col"])):
-        boa = method == "boa"
-        old = QuantConfig(model="m", method=method, wbits=wbits, group_size=128, act_order_col=False,
-                          act_order_row=False if boa else None)
-        new = QuantConfig(model="m", method=method, wbits=wbits, group_size=128)
-        resolve_defaults(old), resolve_defaults(new)
-        (state / MANIFEST).write_text(json.dumps({"key": config_key(old.state_dict()), "config": old.state_dict()}))
-        differ = "act_order_col, act_order_row" if boa else "act_order_col"
-        with pytest.raises(StateError, match=f"differs in: {differ}; .* pass --no-act-order-col to resume it"):
-            RunState.check_output(tmp_path / "out", new.state_dict(), overwrite=False)
-        resumed = parse(["--model", "m", "--method", method, "--wbits", str(wbits), "--group-size", "128", *flags])[0]
-        resolve_defaults(resumed)
-        assert RunState.check_output(tmp_path / "out", resumed.state_dict(), overwrite=False) == "resume"
-    # configurations the change does not touch keep their key
+
+
+def test_configurations_the_change_does_not_touch_keep_their_key():
     for kw in (dict(method="gptq", wbits=4), dict(method="gptq", wbits=4, group_size=128), dict(method="rtn"),
                dict(method="rtn", group_size=128), dict(method="boa", wbits=4),
                dict(method="boa", wbits=4, group_size=128)):
