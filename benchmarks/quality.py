@@ -204,8 +204,8 @@ VARIANTS = {
 # protocol made it BoA's 2-bit default: "boa-turbo-auto-cap-nbv-g512-colrow" is BoA's 2-bit default since then;
 # column act-order became GPTQ's 2-bit default after its A/B at the reference recipe: "gptq-turbo-col" is GPTQ's
 # 2-bit default since then (and its 3-bit default after the same A/B at 3 bits); at 3 bits the same A/B made
-# "boa-turbo-auto-cap-g512-colrow" BoA's default (and its default with groups of 128 at 3 bits after the 3g128
-# A/B, as "gptq-turbo-col" GPTQ's).
+# "boa-turbo-auto-cap-g512-colrow" BoA's default (and its default with groups of 128 at 3 and 4 bits after the
+# 3g128 and 4g128 A/Bs, as "gptq-turbo-col" GPTQ's).
 for _flags in VARIANTS.values():
     if _flags and _flags[:2] == ["--method", "boa"] and not {"--block-v", "--no-block-v"} & set(_flags):
         _flags.append("--block-v")
@@ -221,10 +221,10 @@ STUDIES = {
     "main": {"bits": ["2", "3", "4"], "variants": ["rtn", "gptq-minmax", "llmc-gptq", "gptq", "boa", "boa-noblockv",
                                                    "boa-mlprow"], "nsamples": [None]},
     # issue 16's protocol matrix: RTN, llm-compressor's GPTQ, GPTQ before/after issue 17 (gptq, gptq-turbo) and
-    # GPTQ's default (gptq-turbo-col at 2, 3 and 3g128; at 4g128, where act-order is off, gptq-turbo), the paper's
-    # BoA, our BoA before issue 17, earlier defaults (boa-turbo-auto, boa-turbo-auto-cap-nbv) and today's BoA
-    # defaults: at 2 bits boa-turbo-auto-cap-nbv-g512-colrow, at 3 bits and 3g128 boa-turbo-auto-cap-g512-colrow,
-    # at 4g128 boa-turbo-auto-cap-g512 (tests/test_quality_benchmark.py checks each against the CLI's defaults)
+    # GPTQ's default (gptq-turbo-col at every width of the matrix), the paper's BoA, our BoA before issue 17,
+    # earlier defaults (boa-turbo-auto, boa-turbo-auto-cap-nbv, and boa-turbo-auto-cap-g512 before act-order with
+    # groups of 128) and today's BoA defaults: at 2 bits boa-turbo-auto-cap-nbv-g512-colrow, at 3 bits, 3g128 and
+    # 4g128 boa-turbo-auto-cap-g512-colrow (tests/test_quality_benchmark.py checks each against the CLI's defaults)
     "paper": {"bits": ["2", "3", "3g128", "4g128"], "variants": ["rtn", "llmc-gptq", "gptq", "gptq-turbo",
                                                                  "gptq-turbo-col", "boa", "boa-default",
                                                                  "boa-turbo-auto", "boa-turbo-auto-cap-nbv",
