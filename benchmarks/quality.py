@@ -205,7 +205,7 @@ VARIANTS = {
 # column act-order became GPTQ's 2-bit default after its A/B at the reference recipe: "gptq-turbo-col" is GPTQ's
 # 2-bit default since then (and its 3-bit default after the same A/B at 3 bits); at 3 bits the same A/B made
 # "boa-turbo-auto-cap-g512-colrow" BoA's default (and its default with groups of 128 at 3 and 4 bits after the
-# 3g128 and 4g128 A/Bs, as "gptq-turbo-col" GPTQ's).
+# 3g128 and 4g128 A/Bs, and at 4 bits per channel after the 4-bit A/B, as "gptq-turbo-col" GPTQ's).
 for _flags in VARIANTS.values():
     if _flags and _flags[:2] == ["--method", "boa"] and not {"--block-v", "--no-block-v"} & set(_flags):
         _flags.append("--block-v")

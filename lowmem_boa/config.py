@@ -53,11 +53,10 @@ def joint_rows_for(rows_per_head: int, joint_rows: int | None) -> int:
 # stories260K (docs/results.md, chosen on its validation text) they lowered 2- and 3-bit perplexity
 # below the paper's BoA and GPTQ, and raised it at 4 bits.
 MLP_ROW_MAX_BITS = 3
-# act-order's default (BoA: column and row; GPTQ: column) up to this many bits per channel, and up to
-# ACT_ORDER_MAX_BITS_GROUPED with --group-size: measured at 2 and 3 bits per channel and at 3 and 4 bits with
-# groups of 128 (SmolLM2, both texts, seeds 0-1; 4 bits per channel unmeasured)
-ACT_ORDER_MAX_BITS = {"boa": 3, "gptq": 3}
-ACT_ORDER_MAX_BITS_GROUPED = {"boa": 4, "gptq": 4}
+# act-order's default (BoA: column and row; GPTQ: column) up to this many bits, per channel and with
+# --group-size: measured at 2, 3 and 4 bits per channel and at 3 and 4 bits with groups of 128 (SmolLM2, both
+# texts, seeds 0-1; above 4 bits unmeasured)
+ACT_ORDER_MAX_BITS = {"boa": 4, "gptq": 4}
 BLOCK_V_MIN_BITS = 3   # block_v's default: on from this many bits (SmolLM2: off won at 2 bits, on at 3)
 
 
@@ -221,21 +220,17 @@ class QuantConfig:
         return self.method == "boa" and self.wbits <= MLP_ROW_MAX_BITS
 
     def default_act_order_col(self) -> bool:
-        """``act_order_col`` when the flag is not given: on for BoA and GPTQ up to ACT_ORDER_MAX_BITS[method]
-        per channel and up to ACT_ORDER_MAX_BITS_GROUPED[method] with groups (static groups) (SmolLM2, both
-        texts, docs/results.md: BoA at 2 bits -24 % WikiText-2 and -42 % C4 perplexity at the paper's protocol,
-        at 3 bits -6 % / -10 % at the reference recipe; GPTQ at 2 bits -24 % / -29 %, at 3 bits -8 % / -8 % at
-        the reference recipe; with groups of 128, reference recipe, seeds 0-1: at 3 bits BoA -1.6 % / -3.9 %,
-        GPTQ -4.8 % / -7.4 %, at 4 bits BoA -0.8 % / -0.1 %, GPTQ -2.6 % / -2.7 %; at the solver's time);
+        """``act_order_col`` when the flag is not given: on for BoA and GPTQ up to ACT_ORDER_MAX_BITS[method],
+        per channel and with groups (static groups) (SmolLM2, both texts, docs/results.md: BoA at 2 bits -24 %
+        WikiText-2 and -42 % C4 perplexity at the paper's protocol, at 3 bits -6 % / -10 % at the reference
+        recipe; GPTQ at 2 bits -24 % / -29 %, at 3 bits -8 % / -8 % at the reference recipe; at 4 bits per
+        channel, reference recipe, seeds 0-1: BoA -2.1 % / -2.2 %, GPTQ -4.7 % / -7.4 %; with groups of 128, reference
+        recipe, seeds 0-1: at 3 bits BoA -1.6 % / -3.9 %, GPTQ -4.8 % / -7.4 %, at 4 bits BoA -0.8 % / -0.1 %,
+        GPTQ -2.6 % / -2.7 %; at the solver's time);
         off for RTN, with --kquant (it fixes the column blocks), with --search-orders (which tries every order
         itself) and above those widths (unmeasured)."""
         return (self.method in ACT_ORDER_MAX_BITS and self.kquant is None and not self.search_orders
-                and self.wbits <= self.act_order_max_bits())
-
-    def act_order_max_bits(self) -> int | None:
-        """The widest ``--wbits`` at which act-order is this method's default (per channel or with groups)."""
-        table = ACT_ORDER_MAX_BITS_GROUPED if self.group_size else ACT_ORDER_MAX_BITS
-        return table.get(self.method)
+                and self.wbits <= ACT_ORDER_MAX_BITS[self.method])
 
     def default_act_order_row(self) -> bool:
         """``act_order_row`` when the flag is not given: BoA's rows follow its columns' rule (GPTQ and RTN
@@ -284,7 +279,7 @@ class QuantConfig:
 # with the old value; resuming it without the flag names the flag (checkpoint.state)
 CHANGED_DEFAULTS = {"block_v": (True, "--block-v"),                    # off at 2 bits since then
                     "mlp_row_group": (128, "--mlp-row-group 128"),     # 512 since then
-                    "act_order_col": (False, "--no-act-order-col"),    # on at 2-3 bits (with groups 2-4) since then
+                    "act_order_col": (False, "--no-act-order-col"),    # on at 2-4 bits since then
                     "act_order_row": (False, "--no-act-order-row")}
 
 # option -> the value that reproduces the code before it existed (see QuantConfig.state_dict)

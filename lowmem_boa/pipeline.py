@@ -26,7 +26,7 @@ import torch
 from . import __version__
 from .block import BlockQuantizer
 from .checkpoint import RunState, atomic_write_bytes, export_fake_quant
-from .config import BLOCK_V_MIN_BITS, DEFAULT_NSAMPLES, FP_TARGETS_DEFAULT, MLP_ROW_MAX_BITS, QuantConfig, RunOptions
+from .config import ACT_ORDER_MAX_BITS, BLOCK_V_MIN_BITS, DEFAULT_NSAMPLES, FP_TARGETS_DEFAULT, MLP_ROW_MAX_BITS, QuantConfig, RunOptions
 from .data import calibration_windows, file_source, load_source, local_files
 from .forward import first_block_inputs
 from .models import get_adapter
@@ -110,8 +110,7 @@ def resolve_defaults(qc: QuantConfig) -> list[str]:
                     f"at {qc.wbits} bits (default: from {BLOCK_V_MIN_BITS} bits; --block-v / --no-block-v to choose)"),
         ("act_order_col", qc.default_act_order_col, solves and not qc.search_orders,
          lambda on: f"columns swept {'by decreasing diag(H_col) (act-order)' if on else 'in order'} (default: "
-                    f"act-order up to {qc.act_order_max_bits()} bits {'with groups' if qc.group_size else 'per channel'}"
-                    "; --act-order-col / --no-act-order-col)"),
+                    f"act-order up to {ACT_ORDER_MAX_BITS.get(qc.method)} bits; --act-order-col / --no-act-order-col)"),
         ("act_order_row", qc.default_act_order_row, boa and not qc.search_orders,
          lambda on: f"BoA: rows of a head swept {'by decreasing diag(H_row) (act-order)' if on else 'in order'} "
                     "(default: as the columns; --act-order-row / --no-act-order-row)"),

@@ -1,5 +1,5 @@
-"""Act-order (--act-order-col / --act-order-row) as BoA's default, and column act-order as GPTQ's, at 2 and 3
-bits per channel and at 2-4 bits with groups (static groups): where it applies,
+"""Act-order (--act-order-col / --act-order-row) as BoA's default, and column act-order as GPTQ's, at 2-4 bits,
+per channel and with groups (static groups): where it applies,
 what the user is told, and how a run started before the change resumes. (The solver's act-order paths
 against the slow reference: test_fast_vs_reference.py; their exports: test_export.py.)"""
 
@@ -17,7 +17,8 @@ from tiny_models import SHARED, needs_shared
 @pytest.mark.parametrize("kw, col, row", [
     (dict(method="boa"), True, True),
     (dict(method="boa", wbits=3), True, True),                  # measured at 2 and 3 bits
-    (dict(method="boa", wbits=4), False, False),                # 4 bits per channel: unmeasured
+    (dict(method="boa", wbits=4), True, True),                  # measured at 4 bits per channel (seeds 0-1)
+    (dict(method="boa", wbits=8), False, False),                # above 4 bits: unmeasured
     (dict(method="boa", group_size=64), True, True),            # static groups: measured at 3g128
     (dict(method="boa", wbits=3, group_size=128), True, True),
     (dict(method="boa", wbits=4, group_size=128), True, True),    # measured at 4g128 (seeds 0-1)
@@ -26,7 +27,8 @@ from tiny_models import SHARED, needs_shared
     (dict(method="boa", search_orders=True), False, False),     # the search tries every order itself
     (dict(method="gptq"), True, False),                         # GPTQ has no row order
     (dict(method="gptq", wbits=3), True, False),                # measured at 2 and 3 bits
-    (dict(method="gptq", wbits=4), False, False),               # 4 bits per channel: unmeasured
+    (dict(method="gptq", wbits=4), True, False),
+    (dict(method="gptq", wbits=8), False, False),
     (dict(method="gptq", group_size=128), True, False),
     (dict(method="gptq", wbits=3, group_size=128), True, False),
     (dict(method="gptq", wbits=4, group_size=128), True, False),
@@ -55,10 +57,13 @@ def test_flags_override_the_default_one_by_one():
     assert resolved("--method", "gptq") == (True, False)
     assert resolved("--method", "gptq", "--no-act-order-col") == (False, False)
     assert resolved("--wbits", "3") == (True, True)
-    assert resolved("--wbits", "4") == (False, False)
-    assert resolved("--wbits", "4", "--act-order-col", "--act-order-row") == (True, True)
+    assert resolved("--wbits", "4") == (True, True)
+    assert resolved("--wbits", "4", "--no-act-order-row") == (True, False)
+    assert resolved("--wbits", "8") == (False, False)
+    assert resolved("--wbits", "8", "--act-order-col", "--act-order-row") == (True, True)
     assert resolved("--method", "gptq", "--wbits", "3") == (True, False)
-    assert resolved("--method", "gptq", "--wbits", "4") == (False, False)
+    assert resolved("--method", "gptq", "--wbits", "4") == (True, False)
+    assert resolved("--method", "gptq", "--wbits", "8") == (False, False)
     assert resolved("--wbits", "3", "--group-size", "128") == (True, True)
     assert resolved("--wbits", "3", "--group-size", "128", "--no-act-order-col") == (False, True)
     assert resolved("--method", "gptq", "--wbits", "3", "--group-size", "128") == (True, False)
@@ -71,9 +76,10 @@ def test_flags_override_the_default_one_by_one():
 
 
 def test_the_note_names_the_rule_that_applies():
-    for kw, rule in ((dict(wbits=4), "act-order up to 3 bits per channel"),
-                     (dict(wbits=4, group_size=128), "act-order up to 4 bits with groups"),
-                     (dict(method="gptq", wbits=8, group_size=128), "act-order up to 4 bits with groups")):
+    for kw, rule in ((dict(wbits=4), "act-order up to 4 bits"),
+                     (dict(wbits=8), "act-order up to 4 bits"),
+                     (dict(wbits=4, group_size=128), "act-order up to 4 bits"),
+                     (dict(method="gptq", wbits=8, group_size=128), "act-order up to 4 bits")):
         notes = [n for n in resolve_defaults(QuantConfig(model="m", **kw)) if "act-order up to" in n]
         assert len(notes) == 1 and rule in notes[0], (kw, notes)
 
@@ -81,9 +87,10 @@ def test_the_note_names_the_rule_that_applies():
 @needs_shared
 def test_plan_resolves_and_says_so():
     model = str(SHARED / "models" / "stories260K")
-    for kw, on in ((dict(method="boa"), True), (dict(method="boa", wbits=3), True), (dict(method="boa", wbits=4), False),
-                   (dict(method="gptq"), True),
-                   (dict(method="gptq", wbits=3), True), (dict(method="gptq", wbits=4), False),
+    for kw, on in ((dict(method="boa"), True), (dict(method="boa", wbits=3), True), (dict(method="boa", wbits=4), True),
+                   (dict(method="boa", wbits=8), False), (dict(method="gptq"), True),
+                   (dict(method="gptq", wbits=3), True), (dict(method="gptq", wbits=4), True),
+                   (dict(method="gptq", wbits=8), False),
                    (dict(method="rtn"), None)):
         qc = QuantConfig(model=model, **kw)
         notes = prepare_run(qc, RunOptions(device="cpu", plan_only=True, progress=False)).notes
@@ -103,6 +110,7 @@ def test_the_changed_defaults_are_the_act_orders_and_were_off():
 @pytest.mark.parametrize("method, wbits, group", [
     ("boa", 2, None), ("boa", 3, None),              # BoA per channel: both orders
     ("gptq", 2, None), ("gptq", 3, None),            # GPTQ per channel: its columns only
+    ("boa", 4, None), ("gptq", 4, None),             # ... and at 4 bits (since the 4-bit A/B)
     ("boa", 2, 128), ("boa", 3, 128), ("gptq", 3, 128),   # with groups (act-order since the 3g128 A/B)
     ("boa", 4, 128), ("gptq", 4, 128),                        # ... and at 4 bits (since the 4g128 A/B)
 ])
@@ -131,8 +139,8 @@ def test_a_run_started_before_the_change_is_refused_with_the_flags_that_resume_i
 
 
 def test_configurations_the_change_does_not_touch_keep_their_key():
-    for kw in (dict(method="gptq", wbits=4), dict(method="gptq", wbits=8, group_size=128), dict(method="rtn"),
-               dict(method="rtn", group_size=128), dict(method="boa", wbits=4),
+    for kw in (dict(method="gptq", wbits=8), dict(method="gptq", wbits=8, group_size=128), dict(method="rtn"),
+               dict(method="rtn", group_size=128), dict(method="boa", wbits=8),
                dict(method="boa", wbits=8, group_size=128)):
         a, b = QuantConfig(model="m", **kw), QuantConfig(model="m", act_order_col=False, act_order_row=False, **kw)
         resolve_defaults(a), resolve_defaults(b)

@@ -115,10 +115,11 @@ def test_variant_names_keep_the_solver_they_were_measured_with():
     colrow = qc("boa-turbo-auto-cap-g512-colrow")
     assert (colrow.act_order_col, colrow.act_order_row, colrow.mlp_row_group) == (True, True, 512)
     # with groups of 128 (the paper matrix's 3g128 / 4g128 rows): act-order on at 3 bits (since the 3g128 A/B)
-    # and at 4 (since the 4g128 A/B): "boa-turbo-auto-cap-g512-colrow" / "gptq-turbo-col" are the defaults at both
-    # (GPTQ less the guard, as above)
+    # and at 4 (since the 4g128 A/B), and at 4 bits per channel (since its A/B): "boa-turbo-auto-cap-g512-colrow" /
+    # "gptq-turbo-col" are the defaults at each (GPTQ less the guard, as above)
     for bits, boa_v, gptq_v in (("3g128", "boa-turbo-auto-cap-g512-colrow", "gptq-turbo-col"),
-                                ("4g128", "boa-turbo-auto-cap-g512-colrow", "gptq-turbo-col")):
+                                ("4g128", "boa-turbo-auto-cap-g512-colrow", "gptq-turbo-col"),
+                                ("4", "boa-turbo-auto-cap-g512-colrow", "gptq-turbo-col")):
         flags = quality.bits_flags(bits)
         boa_g = parse(["--model", "m", *quality.OLD_SOLVER, *quality.VARIANTS[boa_v], *flags])[0]
         boa_d = parse(["--model", "m", *flags])[0]
@@ -128,7 +129,8 @@ def test_variant_names_keep_the_solver_they_were_measured_with():
             resolve_defaults(c)
         assert _options_differ(boa_g, boa_d) == set(), bits
         assert _state_differs(gptq_g, gptq_d) == {"fp_max_shift"}, bits
-        assert (boa_d.group_size, boa_d.act_order_col, boa_d.act_order_row, boa_d.block_v) == (128, True, True, True)
+        assert (boa_d.group_size, boa_d.act_order_col, boa_d.act_order_row, boa_d.block_v) == \
+            (128 if "g" in bits else None, True, True, True)
         assert gptq_d.act_order_col is True
         assert boa_d.mlp_row_hessian is (bits == "3g128")      # MLP row Hessians up to 3 bits
     assert set(quality.STUDIES["paper"]["variants"]) >= {"gptq-turbo-col", "boa-turbo-auto-cap-nbv-g512-colrow",

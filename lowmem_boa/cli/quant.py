@@ -57,12 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "on costs the block's largest statistics phase)")
     m.add_argument("--act-order-col", dest="act_order_col", action=argparse.BooleanOptionalAction, default=None,
                    help="quantize columns by decreasing diag(H_col) (GPTQ's desc_act; the exported weights keep the "
-                   "original column order; with --group-size the groups are static). Default: on for BoA and GPTQ at 2 and "
-                   "3 bits per channel and at 2-4 bits with groups (SmolLM2, BoA 2-bit at the paper's protocol: -24 %% "
+                   "original column order; with --group-size the groups are static). Default: on for BoA and GPTQ at 2-4 "
+                   "bits, per channel and with groups (SmolLM2, BoA 2-bit at the paper's protocol: -24 %% "
                    "WikiText-2 and -42 %% C4 perplexity; BoA 3-bit, GPTQ 2-bit and 3-bit at the reference recipe: "
-                   "-6 %% / -10 %%, -24 %% / -29 %% and -8 %% / -8 %%; in groups of 128: 3 bits BoA -1.6 %% / -3.9 %%, GPTQ "
-                   "-4.8 %% / -7.4 %%, 4 bits BoA -0.8 %% / -0.1 %%, GPTQ -2.6 %% / -2.7 %%; at the same time, "
-                   "docs/results.md), off otherwise")
+                   "-6 %% / -10 %%, -24 %% / -29 %% and -8 %% / -8 %%; 4-bit: BoA -2.1 %% / -2.2 %%, GPTQ -4.7 %% / -7.4 %%; "
+                   "in groups of 128: 3 bits BoA -1.6 %% / -3.9 %%, GPTQ -4.8 %% / -7.4 %%, 4 bits BoA -0.8 %% / -0.1 %%, "
+                   "GPTQ -2.6 %% / -2.7 %%; at the same time, docs/results.md), off otherwise")
     m.add_argument("--act-order-row", dest="act_order_row", action=argparse.BooleanOptionalAction, default=None,
                    help="BoA: quantize the rows of a head (or MLP row group) by decreasing diag(H_row). Default: "
                    "as --act-order-col's")
