@@ -179,7 +179,9 @@ VARIANTS = {
     **{f"boa-turbo-auto-cap-g512{k}": ["--method", "boa", "--fp-targets", "--fp-alpha", "0.25", "--follow-grids",
                                        "--refine-scales", "1", "--joint-rows", "auto", "--grid-coarse", "8",
                                        "--fp-max-shift", "1", "--block-v", "--mlp-row-group", "512", *extra]
-       for k, extra in {"": [], "-colrow": ["--act-order-col", "--act-order-row"]}.items()},
+       for k, extra in {"": [], "-colrow": ["--act-order-col", "--act-order-row"],
+                        # the 3-bit default without MLP row Hessians (their A/B at 3 bits)
+                        "-colrow-nomlprow": ["--act-order-col", "--act-order-row", "--no-mlp-row-hessian"]}.items()},
     # BoA's default since block_v went off (decided at the paper's protocol): the guard, no block_v; and the
     # defaults still open re-decided on top of it, one change each
     **{f"boa-turbo-auto-cap-nbv{k}": ["--method", "boa", "--fp-targets", "--fp-alpha", "0.25", "--follow-grids",
@@ -257,7 +259,8 @@ STUDIES = {
                                               "boa-turbo-auto-cap-nbv-nomlprow", "boa-turbo-auto-cap-nbv-rw",
                                               "boa-turbo-auto-cap-nbv-g512", "boa-turbo-auto-cap-nbv-col",
                                               "boa-turbo-auto-cap-nbv-colrow", "gptq-turbo-col", "gptq-turbo-search",
-                                              "boa-turbo-auto-cap-nbv-g512-colrow"],
+                                              "boa-turbo-auto-cap-nbv-g512-colrow", "boa-turbo-auto-cap-g512-colrow",
+                                              "boa-turbo-auto-cap-g512-colrow-nomlprow"],
                   "nsamples": [None]},
     "damp": {"bits": ["2"], "variants": ["gptq", "boa", "gptq-damp03", "boa-damp03", "gptq-damp10", "boa-damp10"],
              "nsamples": [None]},
