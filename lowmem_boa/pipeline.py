@@ -317,6 +317,11 @@ def quantize_model(qc: QuantConfig, ro: RunOptions, console: Console | None = No
     return _run(prep, console)
 
 
+# execution settings that can change a result's last bits (device, precision, summation order); the device
+# budget is recorded too but matters only through the chunking it gives
+_SUMMATION_KEYS = ("device", "dtype", "chunk", "attn_chunk", "attn_heads", "hessians_on_device")
+
+
 def _run(prep: PreparedRun, console: Console) -> dict:
     qc, ro, adapter, plan = prep.qc, prep.ro, prep.adapter, prep.plan
     t_start = time.perf_counter()
@@ -326,9 +331,13 @@ def _run(prep: PreparedRun, console: Console) -> dict:
                  "attn_chunk": plan.attn_chunk, "attn_heads": plan.attn_heads,
                  "hessians_on_device": plan.hessians_on_device, "budget": plan.budget}
     state.open(_state_config(qc, prep.model_dir), prep.state_mode, execution)
-    if prep.state_mode == "resume" and state.data.get("execution") != execution:
-        console.note("resuming with different execution settings than the first run: the result is "
-                     "valid but may differ in the last bits from an uninterrupted run")
+    if prep.state_mode == "resume":
+        first = state.data.get("execution") or {}
+        changed = [k for k in _SUMMATION_KEYS if first.get(k) != execution[k]]
+        if changed:     # the budget alone changes nothing: only the plan it gives can change summation order
+            console.note("resuming with execution settings that differ from the first run ("
+                         + ", ".join(f"{k} {first.get(k)} -> {execution[k]}" for k in changed)
+                         + "): the result is valid but may differ in the last bits from an uninterrupted run")
     n_blocks = adapter.n_blocks
     done = state.verified_prefix(n_blocks)
     if prep.state_mode == "resume":
