@@ -278,6 +278,29 @@ def llmc_bits(spec: str) -> list[str]:
     return ["--bits" if f == "--wbits" else f for f in bits_flags(spec)]
 
 
+def llmc_unsupported(mdir: Path, spec: str) -> str | None:
+    """Why llm-compressor 0.14 cannot quantize this model at this bit spec, or None. In groups it needs every
+    quantized layer's input width to be a multiple of the group size: its check refuses the model otherwise,
+    and with ``bypass_divisibility_checks=True`` its MinMax observer fails (it reshapes a row into groups).
+    SmolLM2-135M (d = 576 = 4.5 x 128) cannot be done in groups of 128. Read from the checkpoint's
+    safetensors headers (no weights loaded)."""
+    from safetensors import safe_open
+    group = int(str(spec).partition("g")[2] or 0)
+    if not group:
+        return None
+    widths = set()
+    for f in sorted(Path(mdir).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as sf:
+            for k in sf.keys():
+                shape = sf.get_slice(k).get_shape() if ".layers." in k and k.endswith(".weight") else []
+                if len(shape) == 2 and shape[1] % group:
+                    widths.add(shape[1])
+    if not widths:
+        return None
+    return (f"llm-compressor 0.14 quantizes in groups only layers whose input width is a multiple of the group "
+            f"size; this model has input widths {', '.join(map(str, sorted(widths)))} (not multiples of {group})")
+
+
 def resolve_text(shared: Path, text: tuple):
     from lowmem_boa.data import file_source, load_source
     kind, what = text
@@ -455,16 +478,20 @@ def markdown(summary: list[dict], fp: dict, texts: list[str], ref: str = "gptq")
 
 
 def matrix(summary: list[dict], fp: dict, texts: list[str], variants: list[str], bits: list[str],
-           nsamples: int) -> str:
+           nsamples: int, impossible: set | None = None) -> str:
     """A study's plan as a table, measured or not: one row per variant (the study's order), one column per
     bit width; a cell is each text's mean over the seeds measured with ``nsamples`` calibration windows,
-    and the seeds. "–" marks a cell not yet measured, so a half-finished matrix says what is left."""
+    and the seeds. "–" marks a cell not yet measured, so a half-finished matrix says what is left; "n/a"
+    a ``(variant, bits)`` cell in ``impossible`` (a tool that cannot do it on this model)."""
     lines = ["fp: " + (" / ".join(f"{fp[t]:.3f}" for t in texts) if fp else "not measured"), "",
              "| variant | " + " | ".join(bits) + " |", "|---|" + "---|" * len(bits)]
     for v in variants:
         cells = []
         for b in bits:
             s = next((s for s in summary if s["variant"] == v and s["bits"] == b and s["nsamples"] == nsamples), None)
+            if s is None and (v, b) in (impossible or set()):
+                cells.append("n/a")
+                continue
             cells.append("–" if s is None else " / ".join(f"{s[t]['mean']:,.2f}" for t in texts)
                          + f" (seed{'s' if len(s['seeds']) > 1 else ''} {','.join(map(str, s['seeds']))})")
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
@@ -663,11 +690,17 @@ def main(argv=None):
         summary = summarize(data["runs"], texts)
         if args.study:      # the study's matrix (--bits / --variants narrow it), then the full tables
             st = STUDIES[args.study]
+            variants = args.variants.split(",") if args.variants else st["variants"]
+            bits = args.bits.split(",") if args.bits else st["bits"]
+            mdir = model_dir(profile, args.shared)
+            why = {b: llmc_unsupported(mdir, b) for b in bits} if "llmc-gptq" in variants and mdir.is_dir() else {}
             print(f"{args.study} study ({' / '.join(texts)}):\n"
-                  + matrix(summary, data.get("fp") or {}, texts,
-                           args.variants.split(",") if args.variants else st["variants"],
-                           args.bits.split(",") if args.bits else st["bits"],
-                           int(args.nsamples) if args.nsamples else profile["nsamples"]) + "\n")
+                  + matrix(summary, data.get("fp") or {}, texts, variants, bits,
+                           int(args.nsamples) if args.nsamples else profile["nsamples"],
+                           {("llmc-gptq", b) for b, w in why.items() if w}) + "\n")
+            for b, w in why.items():
+                if w:
+                    print(f"n/a: llmc-gptq {b}: {w}")
         print(markdown(summary, data["fp"], texts))
         for t in texts:
             if any(t in r.get("errors", {}) for r in data["runs"]):
@@ -702,8 +735,18 @@ def main(argv=None):
     base = {"profile": args.profile, "shared": str(args.shared), "work": str(args.work),
             "threads": args.threads or max(1, 2 // args.jobs), "errors": args.errors, "keep": args.keep}
     jobs = [] if "fp" in data else [base | {"variant": "fp"}]   # the baseline runs beside the first job
+    # cells a tool cannot do on this model are left out with a note before any work starts (an error when
+    # nothing else is asked for)
+    why = {b: llmc_unsupported(model_dir(profile, args.shared), b) for b in bits} if "llmc-gptq" in variants else {}
+    for b, w in why.items():
+        if w:
+            print(f"skipping llmc-gptq {b}: {w}", flush=True)
+    cells = [(v, b) for b in bits for v in variants if not (v == "llmc-gptq" and why.get(b))]
+    if not cells:
+        ap.error("nothing to run: " + "; ".join(f"llmc-gptq {b}: {w}" for b, w in why.items() if w))
     jobs += [base | {"variant": v, "bits": b, "seed": s, "nsamples": n}
-             for b in bits for n in nsamples for v in variants for s in seeds if (v, b, s, n) not in done]
+             for b in bits for n in nsamples for v in variants for s in seeds
+             if (v, b) in cells and (v, b, s, n) not in done]
     if any(j["variant"] == "llmc-gptq" for j in jobs):
         ensure_llmc_venv()
     args.work.mkdir(parents=True, exist_ok=True)

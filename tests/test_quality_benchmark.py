@@ -191,3 +191,23 @@ def test_the_matrix_shows_every_cell_of_a_study_measured_or_not():
     assert "| gptq | 12.00 / 24.00 (seeds 0,1) | – |" in lines     # the mean of the seeds measured
     assert "| boa | – | 5.00 / 10.00 (seed 0) |" in lines            # the 16-window run is another protocol
     assert "| rtn | – | – |" in lines
+
+
+@needs_shared
+def test_llm_compressor_cells_it_cannot_do_are_named_before_any_work(tmp_path, monkeypatch, capsys):
+    import pytest
+    mdir = save_tiny_model("llama", tmp_path / "m")     # input widths 64 (q/k/v/o, gate/up) and 96 (down)
+    assert quality.llmc_unsupported(mdir, "2") is None and quality.llmc_unsupported(mdir, "3g32") is None
+    why = quality.llmc_unsupported(mdir, "3g64")
+    assert "96" in why and "64 " not in why.split("widths")[1]
+    assert "64, 96" in quality.llmc_unsupported(mdir, "4g128")
+    # a study asking only for such a cell stops with the reason, before the virtualenv or any run
+    monkeypatch.setitem(quality.PROFILES, "tiny", dict(quality.PROFILES["llama-wt2-9m"], model=lambda: mdir))
+    monkeypatch.setattr(quality, "ensure_llmc_venv", lambda: pytest.fail("work started"))
+    with pytest.raises(SystemExit):
+        quality.main(["--profile", "tiny", "--study", "paper", "--variants", "llmc-gptq", "--bits", "3g64",
+                      "--out", str(tmp_path / "q.json"), "--work", str(tmp_path / "w")])
+    assert "not multiples of 64" in capsys.readouterr().err
+    # the matrix marks it n/a; an unmeasured cell it can do stays "–"
+    table = quality.matrix([], {}, ["a"], ["llmc-gptq"], ["2", "3g64"], 8, {("llmc-gptq", "3g64")})
+    assert "| llmc-gptq | – | n/a |" in table.splitlines()
