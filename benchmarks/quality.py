@@ -192,7 +192,12 @@ VARIANTS = {
                         "-search": ["--search-orders"], "-nomlprow": ["--no-mlp-row-hessian"],
                         "-rw": ["--residual-weights"], "-col": ["--act-order-col"],
                         "-colrow": ["--act-order-col", "--act-order-row"],
-                        "-g512-colrow": ["--mlp-row-group", "512", "--act-order-col", "--act-order-row"]}.items()},
+                        "-g512-colrow": ["--mlp-row-group", "512", "--act-order-col", "--act-order-row"],
+                        # the open 2-bit A/Bs again on today's 2-bit default (-g512-colrow): residual weights, and
+                        # no MLP row Hessians (the group size does not matter then)
+                        "-g512-colrow-rw": ["--mlp-row-group", "512", "--act-order-col", "--act-order-row",
+                                            "--residual-weights"],
+                        "-colrow-nomlprow": ["--act-order-col", "--act-order-row", "--no-mlp-row-hessian"]}.items()},
     # --block-v-targets (V's fp target from its own attention-weighted cross statistics) on today's defaults
     "boa-turbo-bvt": ["--method", "boa", "--fp-targets", "--fp-alpha", "0.25", "--follow-grids", "--refine-scales",
                       "1", "--joint-rows", "auto", "--grid-coarse", "8", "--block-v-targets"],
@@ -260,7 +265,9 @@ STUDIES = {
                                               "boa-turbo-auto-cap-nbv-g512", "boa-turbo-auto-cap-nbv-col",
                                               "boa-turbo-auto-cap-nbv-colrow", "gptq-turbo-col", "gptq-turbo-search",
                                               "boa-turbo-auto-cap-nbv-g512-colrow", "boa-turbo-auto-cap-g512-colrow",
-                                              "boa-turbo-auto-cap-g512-colrow-nomlprow"],
+                                              "boa-turbo-auto-cap-g512-colrow-nomlprow",
+                                              "boa-turbo-auto-cap-nbv-g512-colrow-rw",
+                                              "boa-turbo-auto-cap-nbv-colrow-nomlprow"],
                   "nsamples": [None]},
     "damp": {"bits": ["2"], "variants": ["gptq", "boa", "gptq-damp03", "boa-damp03", "gptq-damp10", "boa-damp10"],
              "nsamples": [None]},

@@ -90,6 +90,11 @@ def test_variant_names_keep_the_solver_they_were_measured_with():
     resolve_defaults(now), resolve_defaults(default)
     differ = _options_differ(now, default)
     assert differ == set(), differ      # the 2-bit default BoA, option for option (once resolved)
+    # the 2-bit A/Bs on today's default change one thing each (without MLP row Hessians their group is moot)
+    rw, nomlp = qc("boa-turbo-auto-cap-nbv-g512-colrow-rw"), qc("boa-turbo-auto-cap-nbv-colrow-nomlprow")
+    resolve_defaults(rw), resolve_defaults(nomlp)
+    assert _options_differ(rw, default) == {"residual_weights"}
+    assert _options_differ(nomlp, default) - {"mlp_row_group"} == {"mlp_row_hessian"} and not nomlp.mlp_row_hessian
     # at 3 bits: block_v on, act-order (column + row), MLP row groups of 512 ("boa-turbo-auto-cap-g512-colrow");
     # "boa-turbo-auto-cap-g512" (no act-order) was the 3-bit default before its A/B
     three, default3 = (parse(["--model", "m", *quality.OLD_SOLVER, *quality.VARIANTS["boa-turbo-auto-cap-g512-colrow"],
