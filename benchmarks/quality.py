@@ -308,6 +308,14 @@ def llmc_unsupported(mdir: Path, spec: str) -> str | None:
             f"size; this model has input widths {', '.join(map(str, sorted(widths)))} (not multiples of {group})")
 
 
+def llmc_na(profile: dict, shared: Path, variants: list[str], bits: list[str]) -> dict:
+    """``{bits: reason}`` of the ``llmc-gptq`` cells llm-compressor cannot do on the profile's model."""
+    mdir = model_dir(profile, shared)
+    if "llmc-gptq" not in variants or not mdir.is_dir():
+        return {}
+    return {b: why for b in bits if (why := llmc_unsupported(mdir, b))}
+
+
 def resolve_text(shared: Path, text: tuple):
     from lowmem_boa.data import file_source, load_source
     kind, what = text
@@ -699,15 +707,13 @@ def main(argv=None):
             st = STUDIES[args.study]
             variants = args.variants.split(",") if args.variants else st["variants"]
             bits = args.bits.split(",") if args.bits else st["bits"]
-            mdir = model_dir(profile, args.shared)
-            why = {b: llmc_unsupported(mdir, b) for b in bits} if "llmc-gptq" in variants and mdir.is_dir() else {}
+            na = llmc_na(profile, args.shared, variants, bits)
             print(f"{args.study} study ({' / '.join(texts)}):\n"
                   + matrix(summary, data.get("fp") or {}, texts, variants, bits,
                            int(args.nsamples) if args.nsamples else profile["nsamples"],
-                           {("llmc-gptq", b) for b, w in why.items() if w}) + "\n")
-            for b, w in why.items():
-                if w:
-                    print(f"n/a: llmc-gptq {b}: {w}")
+                           {("llmc-gptq", b) for b in na}) + "\n")
+            for b, why in na.items():
+                print(f"n/a: llmc-gptq {b}: {why}")
         print(markdown(summary, data["fp"], texts))
         for t in texts:
             if any(t in r.get("errors", {}) for r in data["runs"]):
@@ -744,13 +750,12 @@ def main(argv=None):
     jobs = [] if "fp" in data else [base | {"variant": "fp"}]   # the baseline runs beside the first job
     # cells a tool cannot do on this model are left out with a note before any work starts (an error when
     # nothing else is asked for)
-    why = {b: llmc_unsupported(model_dir(profile, args.shared), b) for b in bits} if "llmc-gptq" in variants else {}
-    for b, w in why.items():
-        if w:
-            print(f"skipping llmc-gptq {b}: {w}", flush=True)
-    cells = [(v, b) for b in bits for v in variants if not (v == "llmc-gptq" and why.get(b))]
+    na = llmc_na(profile, args.shared, variants, bits)
+    for b, why in na.items():
+        print(f"skipping llmc-gptq {b}: {why}", flush=True)
+    cells = [(v, b) for b in bits for v in variants if not (v == "llmc-gptq" and b in na)]
     if not cells:
-        ap.error("nothing to run: " + "; ".join(f"llmc-gptq {b}: {w}" for b, w in why.items() if w))
+        ap.error("nothing to run: " + "; ".join(f"llmc-gptq {b}: {why}" for b, why in na.items()))
     jobs += [base | {"variant": v, "bits": b, "seed": s, "nsamples": n}
              for b in bits for n in nsamples for v in variants for s in seeds
              if (v, b) in cells and (v, b, s, n) not in done]
