@@ -198,6 +198,12 @@ VARIANTS = {
                         "-g512-colrow-rw": ["--mlp-row-group", "512", "--act-order-col", "--act-order-row",
                                             "--residual-weights"],
                         "-colrow-nomlprow": ["--act-order-col", "--act-order-row", "--no-mlp-row-hessian"]}.items()},
+    # BoA's 3-bit default (block_v, act-order) with MLP row groups of 128 instead of 512: the group-size A/B with
+    # act-order at 3 bits (its 2-bit twin is "boa-turbo-auto-cap-nbv-colrow")
+    "boa-turbo-auto-cap-colrow": ["--method", "boa", "--fp-targets", "--fp-alpha", "0.25", "--follow-grids",
+                                  "--refine-scales", "1", "--joint-rows", "auto", "--grid-coarse", "8",
+                                  "--fp-max-shift", "1", "--block-v", "--mlp-row-group", "128", "--act-order-col",
+                                  "--act-order-row"],
     # --block-v-targets (V's fp target from its own attention-weighted cross statistics) on today's defaults
     "boa-turbo-bvt": ["--method", "boa", "--fp-targets", "--fp-alpha", "0.25", "--follow-grids", "--refine-scales",
                       "1", "--joint-rows", "auto", "--grid-coarse", "8", "--block-v-targets"],

@@ -103,6 +103,10 @@ def test_variant_names_keep_the_solver_they_were_measured_with():
     differ = _options_differ(three, default3)
     assert differ == set(), differ
     assert (three.block_v, three.act_order_col, three.act_order_row) == (True, True, True)
+    # the 3-bit group-size A/B with act-order changes that one thing
+    g128 = parse(["--model", "m", *quality.OLD_SOLVER, *quality.VARIANTS["boa-turbo-auto-cap-colrow"], "--wbits", "3"])[0]
+    resolve_defaults(g128)
+    assert _options_differ(g128, default3) == {"mlp_row_group"} and g128.mlp_row_group == 128
     before = qc("boa-turbo-auto-cap-g512")
     assert (before.block_v, before.act_order_col, before.act_order_row, before.mlp_row_group) == (True, False, False, 512)
     # GPTQ: column act-order off in every row measured before it became the 2-bit (then 3-bit) default;
