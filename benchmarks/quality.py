@@ -243,7 +243,10 @@ STUDIES = {
                                                                  "boa-turbo-auto", "boa-turbo-auto-cap-nbv",
                                                                  "boa-turbo-auto-cap-nbv-g512-colrow",
                                                                  "boa-turbo-auto-cap-g512-colrow",
-                                                                 "boa-turbo-auto-cap-g512"],
+                                                                 "boa-turbo-auto-cap-g512",
+                                                                 # the 2-bit default with MLP row groups of 128
+                                                                 # (the group-size A/B with act-order)
+                                                                 "boa-turbo-auto-cap-nbv-colrow"],
               "nsamples": [None]},
     "ab": {"bits": ["2"], "variants": ["gptq-seq", "gptq", "boa-seq", "boa", "boa-seq-novrow", "boa-novrow",
                                        "gptq-seq-damp03", "boa-seq-damp03", "gptq-seq-damp10", "boa-seq-damp10"],
